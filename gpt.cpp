@@ -116,6 +116,28 @@ struct Timer {
     }
 };
 
+// Files are written to a temporary name and renamed over the target, so a crash or a full disk never leaves
+// a half-written checkpoint or log under the final name.
+void write_file_atomically(const std::string& path, const std::string& bytes) {
+    const std::filesystem::path target(path);
+    if (target.has_parent_path()) std::filesystem::create_directories(target.parent_path());
+    const std::string temporary = path + ".tmp";
+    {
+        std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
+        check(file.good(), "cannot write '" + temporary + "'");
+        file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+        file.flush();
+        check(file.good(), "writing '" + temporary + "' failed (disk full?)");
+    }
+    std::filesystem::rename(temporary, path);
+}
+
+std::string read_file(const std::string& path) {
+    std::ifstream file(path, std::ios::binary);
+    check(file.good(), "cannot read '" + path + "'");
+    return std::string((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+}
+
 // A fixed pool of worker threads. parallel_for(count, body) runs body(0..count-1), each index exactly once,
 // on the pool and the calling thread; it returns when all are done. Loops inside a task run serially.
 struct WorkerPool {
@@ -1040,4 +1062,836 @@ size_t count_parameters(Model& model) {
     size_t n = 0;
     for (const Parameter& p : model_parameters(model)) n += p.tensor->numel();
     return n;
+}
+
+// ==== 10. Checkpoint: safetensors (DESIGN.md §6) ====
+// File = 8-byte little-endian header length N, N bytes of JSON header, then the raw tensor bytes. Each header
+// entry gives dtype "F32", shape and data_offsets [begin, end) into the byte buffer; "__metadata__" holds the
+// config, the tokenizer and "format": "gpt.cpp". Reading trusts nothing: every offset, size and name is checked.
+// Writing goes to a temporary file that is renamed over the target, so a crash never leaves half a checkpoint.
+
+// A small JSON value and a recursive-descent parser: enough for safetensors headers and our metadata.
+struct Json;
+using JsonArray = std::vector<Json>;
+using JsonObject = std::vector<std::pair<std::string, Json>>;
+struct Json {
+    std::variant<std::nullptr_t, bool, double, std::string, JsonArray, JsonObject> value;
+
+    const Json* find(const std::string_view key) const {
+        if (const auto* object = std::get_if<JsonObject>(&value))
+            for (const auto& [name, member] : *object)
+                if (name == key) return &member;
+        return nullptr;
+    }
+};
+
+struct JsonParser {
+    std::string_view text;
+    size_t pos = 0;
+
+    void fail(const std::string& what) const { throw Error("invalid JSON at byte " + std::to_string(pos) + ": " + what); }
+    void skip_space() {
+        while (pos < text.size() && (text[pos] == ' ' || text[pos] == '\n' || text[pos] == '\r' || text[pos] == '\t')) ++pos;
+    }
+    bool consume(const char c) {
+        skip_space();
+        if (pos < text.size() && text[pos] == c) return ++pos, true;
+        return false;
+    }
+    void expect(const char c) {
+        if (!consume(c)) fail(std::string("expected '") + c + "'");
+    }
+    unsigned parse_hex4() {
+        if (pos + 4 > text.size()) fail("short \\u escape");
+        unsigned value = 0;
+        for (int i = 0; i < 4; ++i) {
+            const char c = text[pos++];
+            const int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+            if (digit < 0) fail("bad \\u escape");
+            value = value * 16 + digit;
+        }
+        return value;
+    }
+    std::string parse_string() {
+        expect('"');
+        std::string out;
+        while (true) {
+            if (pos >= text.size()) fail("unterminated string");
+            const char c = text[pos++];
+            if (c == '"') return out;
+            if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
+            if (c != '\\') {
+                out += c;
+                continue;
+            }
+            if (pos >= text.size()) fail("unterminated escape");
+            const char e = text[pos++];
+            const std::string_view simple = "\"\\/bfnrt", replaced = "\"\\/\b\f\n\r\t";
+            if (const size_t at = simple.find(e); at != std::string_view::npos) {
+                out += replaced[at];
+            } else if (e == 'u') {
+                char32_t code = parse_hex4();
+                if (code >= 0xD800 && code <= 0xDBFF) {  // a surrogate pair encodes one code point above U+FFFF
+                    if (text.substr(pos, 2) != "\\u") fail("lone surrogate");
+                    pos += 2;
+                    const unsigned low = parse_hex4();
+                    if (low < 0xDC00 || low > 0xDFFF) fail("bad surrogate pair");
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                } else if (code >= 0xDC00 && code <= 0xDFFF) {
+                    fail("lone surrogate");
+                }
+                out += utf8_encode(code);
+            } else {
+                fail("unknown escape");
+            }
+        }
+    }
+    Json parse_value(const int depth) {
+        if (depth > 64) fail("nested too deeply");
+        skip_space();
+        if (pos >= text.size()) fail("unexpected end");
+        const char c = text[pos];
+        if (c == '"') return {parse_string()};
+        if (c == '{') {
+            ++pos;
+            JsonObject object;
+            if (consume('}')) return {std::move(object)};
+            do {
+                skip_space();
+                std::string key = parse_string();
+                expect(':');
+                object.emplace_back(std::move(key), parse_value(depth + 1));
+            } while (consume(','));
+            expect('}');
+            return {std::move(object)};
+        }
+        if (c == '[') {
+            ++pos;
+            JsonArray array;
+            if (consume(']')) return {std::move(array)};
+            do array.push_back(parse_value(depth + 1));
+            while (consume(','));
+            expect(']');
+            return {std::move(array)};
+        }
+        for (const auto& [word, value] : {std::pair<std::string_view, Json>{"true", {true}}, {"false", {false}}, {"null", {nullptr}}})
+            if (text.substr(pos, word.size()) == word) return pos += word.size(), value;
+        const size_t start = pos;
+        while (pos < text.size() && std::string_view("+-0123456789.eE").find(text[pos]) != std::string_view::npos) ++pos;
+        const std::string number(text.substr(start, pos - start));
+        char* end = nullptr;
+        const double value = number.empty() ? 0.0 : std::strtod(number.c_str(), &end);
+        if (number.empty() || end != number.c_str() + number.size()) fail("expected a value");
+        return {value};
+    }
+};
+
+Json parse_json(const std::string_view text) {
+    JsonParser parser{text};
+    Json value = parser.parse_value(0);
+    parser.skip_space();
+    if (parser.pos != text.size()) parser.fail("trailing characters");
+    return value;
+}
+
+std::string json_quote(const std::string_view s) {
+    std::string out = "\"";
+    for (const char c : s) {
+        if (c == '"' || c == '\\') {
+            out += '\\';
+            out += c;
+        } else if (static_cast<unsigned char>(c) < 0x20) {
+            char escape[8];
+            std::snprintf(escape, sizeof escape, "\\u%04x", static_cast<unsigned>(c));
+            out += escape;
+        } else {
+            out += c;
+        }
+    }
+    return out + "\"";
+}
+
+// Shortest decimal text that reads back as the same float.
+std::string float_text(const float value) {
+    char text[32];
+    for (int digits = 6; digits <= 9; ++digits) {
+        std::snprintf(text, sizeof text, "%.*g", digits, double(value));
+        if (std::strtof(text, nullptr) == value) break;
+    }
+    return text;
+}
+
+// Typed accessors that turn a malformed header into a clear message.
+double json_number(const Json* value, const std::string& what) {
+    check(value && std::holds_alternative<double>(value->value), what + " is missing or not a number");
+    return std::get<double>(value->value);
+}
+int json_int(const Json* value, const std::string& what) {
+    const double number = json_number(value, what);
+    check(number == std::floor(number) && std::abs(number) < 1e9, what + " is not an integer");
+    return static_cast<int>(number);
+}
+const std::string& json_string(const Json* value, const std::string& what) {
+    check(value && std::holds_alternative<std::string>(value->value), what + " is missing or not a string");
+    return std::get<std::string>(value->value);
+}
+
+struct NamedBuffer {
+    std::string name;
+    std::vector<int> shape;
+    std::span<const float> values;
+};
+
+void write_safetensors(const std::string& path, const std::vector<NamedBuffer>& tensors,
+                       const std::vector<std::pair<std::string, std::string>>& metadata) {
+    std::string header = "{\"__metadata__\":{";
+    for (size_t i = 0; i < metadata.size(); ++i)
+        header += (i ? "," : "") + json_quote(metadata[i].first) + ":" + json_quote(metadata[i].second);
+    header += "}";
+    size_t offset = 0;
+    for (const NamedBuffer& t : tensors) {
+        check(t.values.size() == shape_numel(t.shape), "tensor '" + t.name + "': shape does not match its size");
+        header += "," + json_quote(t.name) + ":{\"dtype\":\"F32\",\"shape\":[";
+        for (size_t d = 0; d < t.shape.size(); ++d) header += (d ? "," : "") + std::to_string(t.shape[d]);
+        const size_t bytes = t.values.size() * sizeof(float);
+        header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + bytes) + "]}";
+        offset += bytes;
+    }
+    header += "}";
+    header.append((8 - header.size() % 8) % 8, ' ');  // the tensor bytes start 8-byte aligned
+
+    std::string bytes(8, '\0');
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(uint64_t(header.size()) >> (8 * i));
+    bytes += header;
+    bytes.reserve(bytes.size() + offset);
+    for (const NamedBuffer& t : tensors)
+        for (const float value : t.values) {  // little-endian IEEE 754, byte by byte: right on any host
+            uint32_t bits;
+            std::memcpy(&bits, &value, 4);
+            for (int i = 0; i < 4; ++i) bytes += static_cast<char>(bits >> (8 * i));
+        }
+    write_file_atomically(path, bytes);
+}
+
+struct SafetensorsFile {
+    std::map<std::string, std::string> metadata;
+    std::map<std::string, Tensor> tensors;  // values only, no gradients
+};
+
+SafetensorsFile read_safetensors(const std::string& path) {
+    const std::string where = "checkpoint '" + path + "': ";
+    check(std::filesystem::is_regular_file(path), where + "does not exist or is not a file");
+    const std::string bytes = read_file(path);
+    check(bytes.size() >= 8, where + "too short to be safetensors (" + std::to_string(bytes.size()) + " bytes)");
+    uint64_t header_size = 0;
+    for (int i = 0; i < 8; ++i) header_size |= uint64_t(static_cast<unsigned char>(bytes[i])) << (8 * i);
+    check(header_size <= bytes.size() - 8, where + "header length " + std::to_string(header_size) + " runs past the end of the file (truncated or not safetensors)");
+    const size_t buffer_start = 8 + header_size, buffer_size = bytes.size() - buffer_start;
+
+    Json header;
+    try {
+        header = parse_json(std::string_view(bytes.data() + 8, header_size));
+    } catch (const Error& e) {
+        throw Error(where + "header is not valid JSON (" + e.what() + ")");
+    }
+    check(std::holds_alternative<JsonObject>(header.value), where + "header is not a JSON object");
+
+    SafetensorsFile result;
+    std::vector<std::pair<size_t, size_t>> ranges;
+    for (const auto& [name, entry] : std::get<JsonObject>(header.value)) {
+        if (name == "__metadata__") {
+            check(std::holds_alternative<JsonObject>(entry.value), where + "__metadata__ is not an object");
+            for (const auto& [key, value] : std::get<JsonObject>(entry.value))
+                result.metadata[key] = json_string(&value, where + "metadata '" + key + "'");
+            continue;
+        }
+        const std::string what = where + "tensor '" + name + "'";
+        check(!result.tensors.contains(name), what + " appears twice");
+        check(json_string(entry.find("dtype"), what + " dtype") == "F32",
+              what + " has dtype " + json_string(entry.find("dtype"), what + " dtype") + ", expected F32");
+        const Json* shape = entry.find("shape");
+        const Json* offsets = entry.find("data_offsets");
+        check(shape && std::holds_alternative<JsonArray>(shape->value), what + " has no shape list");
+        check(offsets && std::holds_alternative<JsonArray>(offsets->value) && std::get<JsonArray>(offsets->value).size() == 2,
+              what + " has no [begin, end] data_offsets");
+        Tensor tensor;
+        for (const Json& d : std::get<JsonArray>(shape->value)) {
+            tensor.shape.push_back(json_int(&d, what + " shape"));
+            check(tensor.shape.back() >= 0, what + " has a negative dimension");
+        }
+        const double begin = json_number(&std::get<JsonArray>(offsets->value)[0], what + " offset");
+        const double end = json_number(&std::get<JsonArray>(offsets->value)[1], what + " offset");
+        check(begin >= 0 && begin <= end && end <= double(buffer_size) && begin == std::floor(begin) && end == std::floor(end),
+              what + " data_offsets [" + std::to_string(uint64_t(begin)) + ", " + std::to_string(uint64_t(end)) +
+                  "] fall outside the " + std::to_string(buffer_size) + "-byte data buffer");
+        const size_t numel = shape_numel(tensor.shape);
+        check(size_t(end - begin) == numel * sizeof(float), what + " has shape of " + std::to_string(numel) + " floats but " +
+                                                                 std::to_string(size_t(end - begin)) + " bytes");
+        ranges.emplace_back(size_t(begin), size_t(end));
+        tensor.data.resize(numel);
+        const char* source = bytes.data() + buffer_start + size_t(begin);
+        for (size_t i = 0; i < numel; ++i) {
+            const auto byte = [&](int j) { return uint32_t(static_cast<unsigned char>(source[4 * i + j])); };
+            const uint32_t bits = byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24;
+            std::memcpy(&tensor.data[i], &bits, 4);
+        }
+        result.tensors.emplace(name, std::move(tensor));
+    }
+    std::sort(ranges.begin(), ranges.end());
+    for (size_t i = 1; i < ranges.size(); ++i)
+        check(ranges[i].first >= ranges[i - 1].second, where + "two tensors' data_offsets overlap");
+    return result;
+}
+
+// The model's config as the JSON of DESIGN.md §6 (Hugging Face Llama key names).
+std::string config_to_json(const ModelConfig& c) {
+    return "{\"vocab_size\":" + std::to_string(c.vocab_size) + ",\"hidden_size\":" + std::to_string(c.dim) +
+           ",\"intermediate_size\":" + std::to_string(c.ffn_dim) + ",\"num_hidden_layers\":" + std::to_string(c.n_layers) +
+           ",\"num_attention_heads\":" + std::to_string(c.n_heads) + ",\"num_key_value_heads\":" + std::to_string(c.n_kv_heads) +
+           ",\"max_position_embeddings\":" + std::to_string(c.context) + ",\"rope_theta\":" + float_text(c.rope_theta) +
+           ",\"rms_norm_eps\":" + float_text(c.norm_eps) + ",\"tie_word_embeddings\":" + (c.tie_embeddings ? "true" : "false") + "}";
+}
+
+ModelConfig config_from_json(const std::string& text, const std::string& where) {
+    Json json;
+    try {
+        json = parse_json(text);
+    } catch (const Error& e) {
+        throw Error(where + "config is not valid JSON (" + e.what() + ")");
+    }
+    ModelConfig c;
+    c.vocab_size = json_int(json.find("vocab_size"), where + "config vocab_size");
+    c.dim = json_int(json.find("hidden_size"), where + "config hidden_size");
+    c.ffn_dim = json_int(json.find("intermediate_size"), where + "config intermediate_size");
+    c.n_layers = json_int(json.find("num_hidden_layers"), where + "config num_hidden_layers");
+    c.n_heads = json_int(json.find("num_attention_heads"), where + "config num_attention_heads");
+    c.n_kv_heads = json_int(json.find("num_key_value_heads"), where + "config num_key_value_heads");
+    c.context = json_int(json.find("max_position_embeddings"), where + "config max_position_embeddings");
+    c.rope_theta = static_cast<float>(json_number(json.find("rope_theta"), where + "config rope_theta"));
+    c.norm_eps = static_cast<float>(json_number(json.find("rms_norm_eps"), where + "config rms_norm_eps"));
+    const Json* tie = json.find("tie_word_embeddings");
+    check(tie && std::holds_alternative<bool>(tie->value), where + "config tie_word_embeddings is missing or not a boolean");
+    c.tie_embeddings = std::get<bool>(tie->value);
+    try {
+        validate_model_config(c);
+    } catch (const Error& e) {
+        throw Error(where + "bad config: " + e.what());
+    }
+    return c;
+}
+
+std::string tokenizer_to_json(const Tokenizer& tokenizer) {
+    std::string chars;
+    for (const char32_t c : tokenizer.chars) chars += utf8_encode(c);
+    return "{\"type\":\"char\",\"chars\":" + json_quote(chars) + "}";
+}
+
+Tokenizer tokenizer_from_json(const std::string& text, const std::string& where) {
+    Json json;
+    try {
+        json = parse_json(text);
+    } catch (const Error& e) {
+        throw Error(where + "tokenizer is not valid JSON (" + e.what() + ")");
+    }
+    const std::string& type = json_string(json.find("type"), where + "tokenizer type");
+    check(type == "char", where + "tokenizer type '" + type + "' is not supported");
+    const std::vector<char32_t> chars = utf8_decode(json_string(json.find("chars"), where + "tokenizer chars"));
+    Tokenizer tokenizer = make_char_tokenizer(chars);
+    check(tokenizer.chars.size() == chars.size(), where + "tokenizer chars repeat a character");
+    return tokenizer;
+}
+
+void save_checkpoint(const std::string& path, Model& model, const Tokenizer& tokenizer, const std::vector<NamedBuffer>& extra_tensors = {},
+                     const std::vector<std::pair<std::string, std::string>>& extra_metadata = {}) {
+    std::vector<NamedBuffer> tensors;
+    for (const Parameter& p : model_parameters(model)) tensors.push_back({p.name, p.tensor->shape, p.tensor->data});
+    tensors.insert(tensors.end(), extra_tensors.begin(), extra_tensors.end());
+    std::vector<std::pair<std::string, std::string>> metadata{
+        {"format", "gpt.cpp"}, {"config", config_to_json(model.config)}, {"tokenizer", tokenizer_to_json(tokenizer)}};
+    metadata.insert(metadata.end(), extra_metadata.begin(), extra_metadata.end());
+    write_safetensors(path, tensors, metadata);
+}
+
+struct Checkpoint {
+    Model model;
+    Tokenizer tokenizer;
+    std::map<std::string, std::string> metadata;
+    std::map<std::string, Tensor> training_tensors;  // names starting with "optimizer."
+};
+
+// Loads and validates: the format tag, the config, the tokenizer (whose size must equal vocab_size),
+// exactly the expected tensors with exactly the expected shapes. Training state is passed through.
+Checkpoint load_checkpoint(const std::string& path) {
+    const std::string where = "checkpoint '" + path + "': ";
+    SafetensorsFile file = read_safetensors(path);
+    check(file.metadata.contains("format") && file.metadata["format"] == "gpt.cpp", where + "not a gpt.cpp checkpoint (metadata format is not \"gpt.cpp\")");
+    check(file.metadata.contains("config"), where + "metadata has no config");
+    check(file.metadata.contains("tokenizer"), where + "metadata has no tokenizer");
+    Checkpoint checkpoint;
+    checkpoint.metadata = file.metadata;
+    const ModelConfig config = config_from_json(file.metadata["config"], where);
+    checkpoint.tokenizer = tokenizer_from_json(file.metadata["tokenizer"], where);
+    check(checkpoint.tokenizer.vocab_size() == config.vocab_size, where + "tokenizer has " + std::to_string(checkpoint.tokenizer.vocab_size()) +
+                                                                      " tokens but config vocab_size is " + std::to_string(config.vocab_size));
+    checkpoint.model = make_model(config);
+    for (const Parameter& p : model_parameters(checkpoint.model)) {
+        const auto found = file.tensors.find(p.name);
+        check(found != file.tensors.end(), where + "tensor '" + p.name + "' is missing");
+        check(found->second.shape == p.tensor->shape, where + "tensor '" + p.name + "' has the wrong shape for the config");
+        p.tensor->data = std::move(found->second.data);
+        file.tensors.erase(found);
+    }
+    for (auto& [name, tensor] : file.tensors) {
+        check(name.starts_with("optimizer."), where + "unexpected tensor '" + name + "'");
+        checkpoint.training_tensors.emplace(name, std::move(tensor));
+    }
+    return checkpoint;
+}
+
+// ==== 11. Training ====
+// One step (DESIGN.md §4): B random windows, forward, cross-entropy, backward, clip the global gradient norm
+// to 1, then AdamW with the scheduled learning rate:
+//   lr_s = lr (s+1)/warmup                                                  for s < warmup
+//   lr_s = 0.1 lr + 0.9 lr (1 + cos(pi (s - warmup) / (N - 1 - warmup))) / 2   afterwards
+//   m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2,  p -= lr_s wd p (matrices),  p -= lr_s m^ / (sqrt(v^) + eps)
+// where m^ = m / (1 - b1^t), v^ = v / (1 - b2^t), t = s + 1 (PyTorch's AdamW).
+
+constexpr float adam_beta1 = 0.9f;
+constexpr float adam_beta2 = 0.95f;
+constexpr float adam_eps = 1e-8f;
+constexpr float weight_decay = 0.1f;
+constexpr double max_gradient_norm = 1.0;
+
+struct TrainingState {
+    int step = 0;                                  // optimizer steps done so far
+    Rng rng{0};                                    // draws the training windows
+    std::vector<std::vector<float>> exp_avg;       // AdamW first moments, one per parameter (model_parameters order)
+    std::vector<std::vector<float>> exp_avg_sq;    // AdamW second moments
+};
+
+TrainingState make_training_state(Model& model, const uint64_t seed) {
+    TrainingState state;
+    state.rng = Rng(seed ^ 0x5EED0F0DA7A5ULL);  // a different stream from the one that initialised the weights
+    for (const Parameter& p : model_parameters(model)) {
+        state.exp_avg.emplace_back(p.tensor->numel(), 0.0f);
+        state.exp_avg_sq.emplace_back(p.tensor->numel(), 0.0f);
+    }
+    return state;
+}
+
+float learning_rate(const int step, const int total_steps, const float lr, const int warmup) {
+    if (step < warmup) return lr * float(step + 1) / float(warmup);
+    const int decay_steps = total_steps - 1 - warmup;
+    const double progress = decay_steps > 0 ? double(step - warmup) / decay_steps : 0.0;
+    return static_cast<float>(0.1 * lr + 0.9 * lr * (1.0 + std::cos(std::numbers::pi * progress)) / 2.0);
+}
+
+// Global L2 norm of all gradients (summed in double, parameter by parameter, in a fixed order). If it exceeds
+// max_gradient_norm every gradient is scaled by max_gradient_norm / norm. Returns the norm before clipping.
+double clip_gradients(const std::vector<Parameter>& params) {
+    double sum_squares = 0.0;
+    for (const Parameter& p : params)
+        for (const float g : p.tensor->grad) sum_squares += double(g) * g;
+    const double norm = std::sqrt(sum_squares);
+    if (norm > max_gradient_norm) {
+        const float scale = static_cast<float>(max_gradient_norm / norm);
+        for (const Parameter& p : params)
+            for (float& g : p.tensor->grad) g *= scale;
+    }
+    return norm;
+}
+
+void adamw_update(const std::vector<Parameter>& params, TrainingState& state, const float lr) {
+    const int t = state.step + 1;
+    const float correction1 = 1.0f - std::pow(adam_beta1, float(t));
+    const float correction2 = 1.0f - std::pow(adam_beta2, float(t));
+    for (size_t i = 0; i < params.size(); ++i) {
+        std::vector<float>& value = params[i].tensor->data;
+        const std::vector<float>& grad = params[i].tensor->grad;
+        std::vector<float>& m = state.exp_avg[i];
+        std::vector<float>& v = state.exp_avg_sq[i];
+        const float decay = params[i].is_matrix ? lr * weight_decay : 0.0f;
+        parallel_rows(static_cast<int>(value.size()), 12.0, [&](int begin, int end) {
+            for (int j = begin; j < end; ++j) {
+                m[j] = adam_beta1 * m[j] + (1.0f - adam_beta1) * grad[j];
+                v[j] = adam_beta2 * v[j] + (1.0f - adam_beta2) * grad[j] * grad[j];
+                value[j] -= decay * value[j];
+                value[j] -= lr * (m[j] / correction1) / (std::sqrt(v[j] / correction2) + adam_eps);
+            }
+        });
+    }
+}
+
+struct StepResult {
+    float loss = 0.0f;
+    float lr = 0.0f;
+    double gradient_norm = 0.0;
+};
+
+// One optimizer step on a fresh batch. A loss that is not finite stops training before any weight changes.
+StepResult train_step(Model& model, TrainingState& state, Tape& tape, Batch& batch, const std::vector<int>& train_stream,
+                      const TrainConfig& train) {
+    const int B = train.batch, T = model.config.context;
+    const std::vector<Parameter> params = model_parameters(model);
+    for (const Parameter& p : params) std::fill(p.tensor->grad.begin(), p.tensor->grad.end(), 0.0f);
+    sample_batch(batch, train_stream, B, T, state.rng);
+    tape.clear();
+    Tensor& logits = model_forward(tape, model, batch.inputs, B, T);
+    Tensor& loss = cross_entropy(tape, logits, batch.targets);
+    StepResult result;
+    result.loss = loss.data[0];
+    check(std::isfinite(result.loss), "the loss is " + std::to_string(result.loss) + " at step " + std::to_string(state.step + 1));
+    backward(tape, loss);
+    result.gradient_norm = clip_gradients(params);
+    result.lr = learning_rate(state.step, train.steps, train.lr, train.warmup);
+    adamw_update(params, state, result.lr);
+    ++state.step;
+    return result;
+}
+
+// ---- Evaluation (DESIGN.md §1) ----
+// Windows start at 0, T, 2T, ...; window j predicts stream[jT+1 .. jT+T] from stream[jT .. jT+T-1] (the last
+// window may be shorter), positions restarting at 0. loss = mean over all targets of -log p(target).
+struct EvalResult {
+    double loss = 0.0;
+    size_t tokens = 0;  // number of predicted targets
+};
+
+EvalResult evaluate(Model& model, const std::vector<int>& stream, const int batch_windows) {
+    const int T = model.config.context;
+    const size_t targets = stream.size() >= 2 ? stream.size() - 1 : 0;
+    EvalResult result;
+    if (targets == 0) return result;
+    Tape tape;
+    tape.record = false;
+    double total = 0.0;
+    // Full windows in batches of batch_windows, then the short last window on its own.
+    const size_t full_windows = targets / T;
+    for (size_t window = 0; window < full_windows; window += batch_windows) {
+        const int B = static_cast<int>(std::min<size_t>(batch_windows, full_windows - window));
+        const std::span<const int> inputs(stream.data() + window * T, size_t(B) * T);
+        const std::span<const int> next(stream.data() + window * T + 1, size_t(B) * T);
+        tape.clear();
+        total += double(cross_entropy(tape, model_forward(tape, model, inputs, B, T), next).data[0]) * B * T;
+    }
+    if (const int rest = static_cast<int>(targets - full_windows * T); rest > 0) {
+        const std::span<const int> inputs(stream.data() + full_windows * T, rest);
+        const std::span<const int> next(stream.data() + full_windows * T + 1, rest);
+        tape.clear();
+        total += double(cross_entropy(tape, model_forward(tape, model, inputs, 1, rest), next).data[0]) * rest;
+    }
+    result.tokens = targets;
+    result.loss = total / double(targets);
+    return result;
+}
+
+// ---- Training state in the checkpoint (DESIGN.md §6) ----
+// AdamW moments are stored as tensors "optimizer.exp_avg.<name>" and "optimizer.exp_avg_sq.<name>"; the step,
+// the schedule and the window generator's state as JSON in the metadata entry "train_state".
+std::vector<NamedBuffer> training_tensors(Model& model, const TrainingState& state) {
+    std::vector<NamedBuffer> tensors;
+    const std::vector<Parameter> params = model_parameters(model);
+    for (size_t i = 0; i < params.size(); ++i) {
+        tensors.push_back({"optimizer.exp_avg." + params[i].name, params[i].tensor->shape, state.exp_avg[i]});
+        tensors.push_back({"optimizer.exp_avg_sq." + params[i].name, params[i].tensor->shape, state.exp_avg_sq[i]});
+    }
+    return tensors;
+}
+
+std::string training_state_to_json(const TrainingState& state, const TrainConfig& train) {
+    std::string rng = "[";
+    for (size_t i = 0; i < state.rng.state.size(); ++i) rng += (i ? ",\"" : "\"") + std::to_string(state.rng.state[i]) + "\"";
+    return "{\"step\":" + std::to_string(state.step) + ",\"steps\":" + std::to_string(train.steps) + ",\"batch\":" +
+           std::to_string(train.batch) + ",\"lr\":" + float_text(train.lr) + ",\"warmup\":" + std::to_string(train.warmup) +
+           ",\"eval_every\":" + std::to_string(train.eval_every) + ",\"seed\":\"" + std::to_string(train.seed) + "\",\"rng\":" + rng +
+           "],\"rng_has_spare\":" + (state.rng.has_spare ? "true" : "false") + ",\"rng_spare\":" + float_text(state.rng.spare) + "}";
+}
+
+// Restores the state and the schedule (train's fields) of a checkpoint written during training.
+TrainingState training_state_from_checkpoint(Checkpoint& checkpoint, TrainConfig& train, const std::string& where) {
+    check(checkpoint.metadata.contains("train_state"), where + "has no training state (it was not written by ./gpt train)");
+    Json json;
+    try {
+        json = parse_json(checkpoint.metadata["train_state"]);
+    } catch (const Error& e) {
+        throw Error(where + "train_state is not valid JSON (" + e.what() + ")");
+    }
+    TrainingState state = make_training_state(checkpoint.model, 0);
+    state.step = json_int(json.find("step"), where + "train_state step");
+    train.steps = json_int(json.find("steps"), where + "train_state steps");
+    train.batch = json_int(json.find("batch"), where + "train_state batch");
+    train.lr = static_cast<float>(json_number(json.find("lr"), where + "train_state lr"));
+    train.warmup = json_int(json.find("warmup"), where + "train_state warmup");
+    train.eval_every = json_int(json.find("eval_every"), where + "train_state eval_every");
+    train.seed = std::stoull(json_string(json.find("seed"), where + "train_state seed"));
+    const Json* rng = json.find("rng");
+    check(rng && std::holds_alternative<JsonArray>(rng->value) && std::get<JsonArray>(rng->value).size() == 4, where + "train_state rng is malformed");
+    for (size_t i = 0; i < 4; ++i) state.rng.state[i] = std::stoull(json_string(&std::get<JsonArray>(rng->value)[i], where + "train_state rng"));
+    const Json* has_spare = json.find("rng_has_spare");
+    check(has_spare && std::holds_alternative<bool>(has_spare->value), where + "train_state rng_has_spare is malformed");
+    state.rng.has_spare = std::get<bool>(has_spare->value);
+    state.rng.spare = static_cast<float>(json_number(json.find("rng_spare"), where + "train_state rng_spare"));
+    const std::vector<Parameter> params = model_parameters(checkpoint.model);
+    for (size_t i = 0; i < params.size(); ++i) {
+        for (auto [prefix, moments] : {std::pair{"optimizer.exp_avg.", &state.exp_avg}, std::pair{"optimizer.exp_avg_sq.", &state.exp_avg_sq}}) {
+            const auto found = checkpoint.training_tensors.find(prefix + params[i].name);
+            check(found != checkpoint.training_tensors.end(), where + "tensor '" + prefix + params[i].name + "' is missing");
+            check(found->second.shape == params[i].tensor->shape, where + "tensor '" + prefix + params[i].name + "' has the wrong shape");
+            (*moments)[i] = found->second.data;
+        }
+    }
+    return state;
+}
+
+// ---- Loss log: CSV and an SVG plot ----
+struct LogRow {
+    int step = 0;
+    float train_loss = 0.0f;
+    float lr = 0.0f;
+    std::optional<float> val_loss;
+};
+
+std::string loss_log_csv(const std::vector<LogRow>& rows) {
+    std::string csv = "step,train_loss,val_loss,lr\n";
+    for (const LogRow& row : rows)
+        csv += std::to_string(row.step) + "," + float_text(row.train_loss) + "," + (row.val_loss ? float_text(*row.val_loss) : "") + "," +
+               float_text(row.lr) + "\n";
+    return csv;
+}
+
+std::vector<LogRow> parse_loss_log_csv(const std::string& text) {
+    std::vector<LogRow> rows;
+    std::istringstream lines(text);
+    std::string line;
+    std::getline(lines, line);  // header
+    while (std::getline(lines, line)) {
+        std::vector<std::string> fields;
+        std::istringstream cells(line);
+        for (std::string cell; std::getline(cells, cell, ',');) fields.push_back(cell);
+        if (fields.size() != 4) continue;
+        LogRow row{std::stoi(fields[0]), std::stof(fields[1]), std::stof(fields[3]), std::nullopt};
+        if (!fields[2].empty()) row.val_loss = std::stof(fields[2]);
+        rows.push_back(row);
+    }
+    return rows;
+}
+
+// Train loss (each step, light) and validation loss (each evaluation, bold) against the step.
+std::string loss_plot_svg(const std::vector<LogRow>& rows, const std::string& title) {
+    constexpr double width = 720, height = 420, left = 60, right = 20, top = 40, bottom = 50;
+    float low = std::numeric_limits<float>::max(), high = std::numeric_limits<float>::lowest();
+    int last_step = 1;
+    for (const LogRow& row : rows) {
+        for (const float value : {row.train_loss, row.val_loss.value_or(row.train_loss)}) {
+            low = std::min(low, value);
+            high = std::max(high, value);
+        }
+        last_step = std::max(last_step, row.step);
+    }
+    if (rows.empty() || high <= low) low = 0.0f, high = std::max(1.0f, high);
+    const auto x_of = [&](double step) { return left + (width - left - right) * step / last_step; };
+    const auto y_of = [&](double loss) { return top + (height - top - bottom) * (high - loss) / (high - low); };
+    char buffer[256];
+    std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"720\" height=\"420\" font-family=\"sans-serif\" font-size=\"12\">\n"
+                      "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"360\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">" +
+                      title + "</text>\n";
+    for (int i = 0; i <= 5; ++i) {  // horizontal grid lines with loss labels, vertical ones with step labels
+        const double loss = low + (high - low) * i / 5, step = double(last_step) * i / 5;
+        std::snprintf(buffer, sizeof buffer,
+                      "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%.2f</text>\n"
+                      "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%.0f</text>\n",
+                      left, y_of(loss), width - right, y_of(loss), left - 6, y_of(loss) + 4, loss, x_of(step), top, x_of(step),
+                      height - bottom, x_of(step), height - bottom + 16, step);
+        svg += buffer;
+    }
+    std::string train_points, val_points;
+    for (const LogRow& row : rows) {
+        std::snprintf(buffer, sizeof buffer, "%.1f,%.1f ", x_of(row.step), y_of(row.train_loss));
+        train_points += buffer;
+        if (row.val_loss) {
+            std::snprintf(buffer, sizeof buffer, "%.1f,%.1f ", x_of(row.step), y_of(*row.val_loss));
+            val_points += buffer;
+        }
+    }
+    svg += "<polyline fill=\"none\" stroke=\"#9ecae1\" stroke-width=\"1\" points=\"" + train_points + "\"/>\n";
+    svg += "<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2.5\" points=\"" + val_points + "\"/>\n";
+    svg += "<text x=\"360\" y=\"410\" text-anchor=\"middle\">step</text>\n"
+           "<text x=\"" + std::to_string(int(width - 200)) + "\" y=\"60\" fill=\"#3182bd\">train loss (per step)</text>\n"
+           "<text x=\"" + std::to_string(int(width - 200)) + "\" y=\"76\" fill=\"#d62728\">validation loss</text>\n</svg>\n";
+    return svg;
+}
+
+
+// ==== 12. Sampling ====
+// Next-token choice (DESIGN.md §5): probabilities = softmax(logits / temperature) (temperature 0: argmax), keep
+// the k most probable (top-k), then the smallest set of most probable tokens whose probability sums to at
+// least p (top-p), renormalise and draw. Ties in probability are ordered by the lower token id first.
+// A document starts from [EOT] + prompt and ends when EOT is drawn. This version re-runs the whole window
+// for every new token, which is simple and exact; a KV cache would avoid the recomputation.
+
+std::vector<double> token_probabilities(std::span<const float> logits, const float temperature) {
+    const double max = *std::max_element(logits.begin(), logits.end());
+    std::vector<double> probabilities(logits.size());
+    double sum = 0.0;
+    for (size_t i = 0; i < logits.size(); ++i) sum += probabilities[i] = std::exp((logits[i] - max) / temperature);
+    for (double& p : probabilities) p /= sum;
+    return probabilities;
+}
+
+// The tokens that survive top-k and top-p, most probable first. top_k = 0 and top_p = 1 keep everything.
+std::vector<int> candidate_tokens(std::span<const double> probabilities, const int top_k, const float top_p) {
+    std::vector<int> order(probabilities.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return probabilities[a] > probabilities[b]; });
+    if (top_k > 0 && size_t(top_k) < order.size()) order.resize(top_k);
+    if (top_p < 1.0f) {
+        double kept = 0.0, total = 0.0;
+        for (const int token : order) total += probabilities[token];
+        size_t count = 0;
+        while (count < order.size() && kept < double(top_p) * total) kept += probabilities[order[count++]];
+        order.resize(std::max<size_t>(count, 1));
+    }
+    return order;
+}
+
+int sample_token(std::span<const float> logits, const SampleConfig& config, Rng& rng) {
+    if (config.temperature == 0.0f) return static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    const std::vector<double> probabilities = token_probabilities(logits, config.temperature);
+    const std::vector<int> candidates = candidate_tokens(probabilities, config.top_k, config.top_p);
+    double total = 0.0;
+    for (const int token : candidates) total += probabilities[token];
+    double draw = rng.uniform_double() * total;
+    for (const int token : candidates) {
+        draw -= probabilities[token];
+        if (draw < 0.0) return token;
+    }
+    return candidates.back();
+}
+
+void validate_sample_config(const SampleConfig& config) {
+    check(config.count >= 0, "--n must not be negative, got " + std::to_string(config.count));
+    check(std::isfinite(config.temperature) && config.temperature >= 0.0f, "--temperature must be 0 or positive, got " + float_text(config.temperature));
+    check(config.top_k >= 0, "--top-k must be 0 (off) or positive, got " + std::to_string(config.top_k));
+    check(config.top_p > 0.0f && config.top_p <= 1.0f, "--top-p must be in (0, 1], got " + float_text(config.top_p));
+    check(config.max_tokens >= 0, "--max-tokens must be 0 (no limit) or positive, got " + std::to_string(config.max_tokens));
+}
+
+struct Sample {
+    std::vector<int> tokens;       // the prompt followed by the generated tokens, without EOT
+    bool reached_context = false;  // stopped because the model's context was full
+};
+
+// Generates one document. Document i of a run uses the seed config.seed + i, so each is reproducible alone.
+Sample generate(Model& model, const Tokenizer& tokenizer, const std::vector<int>& prompt, const SampleConfig& config, Rng& rng) {
+    const int context = model.config.context;
+    std::vector<int> window{tokenizer.eot()};
+    window.insert(window.end(), prompt.begin(), prompt.end());
+    check(int(window.size()) <= context, "the prompt has " + std::to_string(prompt.size()) + " tokens; with EOT it does not fit the context of " +
+                                             std::to_string(context));
+    Sample sample{prompt, false};
+    Tape tape;
+    tape.record = false;
+    for (int generated = 0; config.max_tokens == 0 || generated < config.max_tokens; ++generated) {
+        if (int(window.size()) > context) {
+            sample.reached_context = true;
+            break;
+        }
+        tape.clear();
+        const int T = static_cast<int>(window.size());
+        const Tensor& logits = model_forward(tape, model, window, 1, T);
+        const int V = model.config.vocab_size;
+        const int token = sample_token(std::span<const float>(logits.data).subspan(size_t(T - 1) * V, V), config, rng);
+        if (token == tokenizer.eot()) break;
+        window.push_back(token);
+        sample.tokens.push_back(token);
+    }
+    return sample;
+}
+
+// ==== 13. Benchmarks ====
+// ./gpt bench measures what the README reports: matmul GFLOP/s (square sizes, one thread and all threads),
+// training step time and tokens/s for three model sizes, and sampling tokens/s. Each timing repeats the work
+// until at least min_bench_seconds have passed and reports the mean over those repeats.
+
+constexpr double min_bench_seconds = 0.5;
+
+template <typename Work>
+double seconds_per_run(Work&& work) {
+    work();  // warm-up: caches, page faults, thread start
+    int runs = 0;
+    Timer timer;
+    do {
+        work();
+        ++runs;
+    } while (timer.seconds() < min_bench_seconds);
+    return timer.seconds() / runs;
+}
+
+struct BenchModel {
+    std::string name;
+    ModelConfig config;
+    int batch;
+};
+
+std::vector<BenchModel> bench_models() {
+    const auto config = [](int layers, int dim, int heads, int kv_heads, int ffn, int context) {
+        ModelConfig c;
+        c.vocab_size = 32;
+        c.n_layers = layers, c.dim = dim, c.n_heads = heads, c.n_kv_heads = kv_heads, c.ffn_dim = ffn, c.context = context;
+        return c;
+    };
+    return {{"tiny", config(1, 16, 4, 4, 64, 16), 1}, {"small", config(4, 64, 4, 4, 256, 32), 32}, {"medium", config(6, 192, 6, 2, 512, 128), 16}};
+}
+
+struct BenchRow {
+    std::string name;
+    std::string unit;
+    double value;
+};
+
+std::vector<BenchRow> run_benchmarks(const int max_threads) {
+    std::vector<BenchRow> rows;
+    Rng rng(42);
+    for (const int n : {64, 256, 512, 1024}) {
+        std::vector<float> a(size_t(n) * n), b(size_t(n) * n), c(size_t(n) * n);
+        for (float& x : a) x = rng.normal();
+        for (float& x : b) x = rng.normal();
+        for (const int threads : {1, max_threads}) {
+            set_thread_count(threads);
+            const double seconds = seconds_per_run([&] { matmul_forward(c, a, b, n, n, n); });
+            rows.push_back({"matmul " + std::to_string(n) + "^3, " + std::to_string(threads) + " thread" + (threads > 1 ? "s" : ""),
+                            "GFLOP/s", 2.0 * n * n * n / seconds * 1e-9});
+            if (max_threads == 1) break;
+        }
+    }
+    set_thread_count(max_threads);
+    for (const BenchModel& bench : bench_models()) {
+        Model model = make_model(bench.config);
+        init_model(model, 1);
+        TrainingState state = make_training_state(model, 1);
+        TrainConfig train;
+        train.batch = bench.batch;
+        std::vector<int> stream(100000);
+        for (int& token : stream) token = static_cast<int>(rng.below(bench.config.vocab_size));
+        Tape tape;
+        Batch batch;
+        const double seconds = seconds_per_run([&] { train_step(model, state, tape, batch, stream, train); });
+        rows.push_back({"train step, " + bench.name, "ms", seconds * 1e3});
+        rows.push_back({"train tokens/s, " + bench.name, "tokens/s", double(bench.batch) * bench.config.context / seconds});
+    }
+    {
+        Model model = make_model(bench_models()[1].config);
+        init_model(model, 1);
+        std::vector<char32_t> letters;
+        for (char32_t c = 'a'; c < char32_t('a' + model.config.vocab_size - 1); ++c) letters.push_back(c);
+        const Tokenizer tokenizer = make_char_tokenizer(letters);
+        // Generated tokens (EOT not counted) per second of wall time, over at least min_bench_seconds.
+        const SampleConfig config;
+        Rng sample_rng(7);
+        size_t tokens = 0;
+        Timer timer;
+        while (timer.seconds() < min_bench_seconds) tokens += generate(model, tokenizer, {}, config, sample_rng).tokens.size();
+        rows.push_back({"sampling, small (full forward per token)", "tokens/s", double(tokens) / timer.seconds()});
+    }
+    return rows;
 }
