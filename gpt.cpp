@@ -284,7 +284,7 @@ struct SampleConfig {
     std::string prompt;
     float temperature = 1.0f; // 0 = greedy
     int top_k = 0;            // 0 = keep all
-    float top_p = 1.0f;       // 1 = keep all
+    double top_p = 1.0;       // 1 = keep all
     uint64_t seed = 1337;
     int max_tokens = 0;       // 0 = until EOT or the context is full
 };
@@ -1252,7 +1252,10 @@ void write_safetensors(const std::string& path, const std::vector<NamedBuffer>& 
     for (const NamedBuffer& t : tensors) {
         check(t.values.size() == shape_numel(t.shape), "tensor '" + t.name + "': shape does not match its size");
         header += "," + json_quote(t.name) + ":{\"dtype\":\"F32\",\"shape\":[";
-        for (size_t d = 0; d < t.shape.size(); ++d) header += (d ? "," : "") + std::to_string(t.shape[d]);
+        for (size_t d = 0; d < t.shape.size(); ++d) {
+            if (d) header += ",";
+            header += std::to_string(t.shape[d]);
+        }
         const size_t bytes = t.values.size() * sizeof(float);
         header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + bytes) + "]}";
         offset += bytes;
@@ -1543,10 +1546,18 @@ StepResult train_step(Model& model, TrainingState& state, Tape& tape, Batch& bat
     check(std::isfinite(result.loss), "the loss is " + std::to_string(result.loss) + " at step " + std::to_string(state.step + 1));
     backward(tape, loss);
     result.gradient_norm = clip_gradients(params);
+    check(std::isfinite(result.gradient_norm), "the gradient norm is " + std::to_string(result.gradient_norm) + " at step " + std::to_string(state.step + 1));
     result.lr = learning_rate(state.step, train.steps, train.lr, train.warmup);
     adamw_update(params, state, result.lr);
     ++state.step;
     return result;
+}
+
+bool all_finite(Model& model) {
+    for (const Parameter& p : model_parameters(model))
+        for (const float x : p.tensor->data)
+            if (!std::isfinite(x)) return false;
+    return true;
 }
 
 // ---- Evaluation (DESIGN.md §1) ----
@@ -1739,16 +1750,17 @@ std::vector<double> token_probabilities(std::span<const float> logits, const flo
 }
 
 // The tokens that survive top-k and top-p, most probable first. top_k = 0 and top_p = 1 keep everything.
-std::vector<int> candidate_tokens(std::span<const double> probabilities, const int top_k, const float top_p) {
+// The top-p sum is compared with a tolerance of 1e-9 so that rounding in the sum never adds a token.
+std::vector<int> candidate_tokens(std::span<const double> probabilities, const int top_k, const double top_p) {
     std::vector<int> order(probabilities.size());
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return probabilities[a] > probabilities[b]; });
     if (top_k > 0 && size_t(top_k) < order.size()) order.resize(top_k);
-    if (top_p < 1.0f) {
+    if (top_p < 1.0) {
         double kept = 0.0, total = 0.0;
         for (const int token : order) total += probabilities[token];
         size_t count = 0;
-        while (count < order.size() && kept < double(top_p) * total) kept += probabilities[order[count++]];
+        while (count < order.size() && kept < top_p * total * (1.0 - 1e-9)) kept += probabilities[order[count++]];
         order.resize(std::max<size_t>(count, 1));
     }
     return order;
@@ -1772,7 +1784,7 @@ void validate_sample_config(const SampleConfig& config) {
     check(config.count >= 0, "--n must not be negative, got " + std::to_string(config.count));
     check(std::isfinite(config.temperature) && config.temperature >= 0.0f, "--temperature must be 0 or positive, got " + float_text(config.temperature));
     check(config.top_k >= 0, "--top-k must be 0 (off) or positive, got " + std::to_string(config.top_k));
-    check(config.top_p > 0.0f && config.top_p <= 1.0f, "--top-p must be in (0, 1], got " + float_text(config.top_p));
+    check(config.top_p > 0.0 && config.top_p <= 1.0, "--top-p must be in (0, 1], got " + std::to_string(config.top_p));
     check(config.max_tokens >= 0, "--max-tokens must be 0 (no limit) or positive, got " + std::to_string(config.max_tokens));
 }
 
@@ -1895,3 +1907,422 @@ std::vector<BenchRow> run_benchmarks(const int max_threads) {
     }
     return rows;
 }
+
+// ==== 14. Command line ====
+// ./gpt [train|eval|sample|bench] [flags]. Each command lists its flags with their defaults in one table,
+// which both the parser and --help read. Bad flags print the usage and exit 2; other errors print
+// "error: ..." and exit 1.
+
+struct UsageError : Error {
+    using Error::Error;
+};
+
+struct FlagSpec {
+    std::string name;           // "--steps"
+    std::string default_value;  // shown in --help; "" for switches and optional values
+    std::string help;
+    bool is_switch = false;     // takes no value
+};
+
+struct Command {
+    std::string name;
+    std::string summary;
+    std::vector<FlagSpec> flags;
+};
+
+const std::string default_threads = std::to_string(std::max(1u, std::thread::hardware_concurrency()));
+
+const std::vector<FlagSpec> model_flags = {
+    {"--layers", "4", "L, transformer layers"},          {"--dim", "64", "D, model width"},
+    {"--heads", "4", "H, query heads (D / H must be even)"}, {"--kv-heads", "4", "G, key/value heads (must divide H)"},
+    {"--ffn", "256", "F, MLP hidden size"},               {"--ctx", "32", "T, context length (training window)"},
+    {"--tie", "", "tie the output layer to the embedding", true},
+};
+
+std::vector<Command> commands() {
+    std::vector<FlagSpec> train_flags = {
+        {"--data", "data/names.txt", "training text, one document per line"},
+        {"--out", "out/names.safetensors", "checkpoint to write (a .loss.csv and .loss.svg are written beside it)"},
+        {"--steps", "3000", "optimizer steps (the length of the learning-rate schedule)"},
+        {"--batch", "32", "B, windows per step"},
+    };
+    train_flags.insert(train_flags.end(), model_flags.begin(), model_flags.end());
+    const std::vector<FlagSpec> rest = {
+        {"--lr", "0.003", "peak learning rate"},
+        {"--warmup", "100", "linear warm-up steps"},
+        {"--seed", "1337", "seed for the weights and the training windows"},
+        {"--threads", default_threads, "worker threads (results do not depend on it)"},
+        {"--eval-every", "250", "steps between validation evaluations and checkpoints"},
+        {"--resume", "", "continue training from this checkpoint (model shape and schedule come from it)"},
+        {"--stop-after", "0", "stop after this many steps of this run, keeping a resumable checkpoint (0: run to the end)"},
+    };
+    train_flags.insert(train_flags.end(), rest.begin(), rest.end());
+    return {
+        {"train", "train a model (./gpt with no command trains with the defaults, then samples 20 names)", train_flags},
+        {"eval", "loss and perplexity of a checkpoint on a data file (DESIGN.md §1 windows)",
+         {{"--model", "out/names.safetensors", "checkpoint"},
+          {"--data", "data/names.txt", "text, one document per line"},
+          {"--split", "all", "which documents: all, train or val"},
+          {"--json", "", "print one JSON object {loss, perplexity, tokens}", true},
+          {"--threads", default_threads, "worker threads"}}},
+        {"sample", "print documents sampled from a checkpoint, one per line",
+         {{"--model", "out/names.safetensors", "checkpoint"},
+          {"--n", "20", "number of documents"},
+          {"--prompt", "", "text every document starts with"},
+          {"--temperature", "1.0", "softmax temperature; 0 picks the most likely token"},
+          {"--top-k", "0", "keep only the k most likely tokens (0: all)"},
+          {"--top-p", "1.0", "keep the smallest set of likeliest tokens with probability >= p"},
+          {"--seed", "1337", "document i uses seed + i"},
+          {"--max-tokens", "0", "most tokens generated per document (0: until EOT or the context is full)"},
+          {"--threads", default_threads, "worker threads"}}},
+        {"bench", "benchmark matmul, training steps and sampling",
+         {{"--json", "", "print the results as JSON", true}, {"--threads", default_threads, "worker threads for the all-threads rows"}}},
+    };
+}
+
+std::string usage() {
+    std::string text = "usage: ./gpt [command] [flags]     (no command: train with the defaults, then sample 20 names)\n";
+    for (const Command& command : commands()) {
+        text += "\n./gpt " + command.name + ": " + command.summary + "\n";
+        for (const FlagSpec& flag : command.flags) {
+            std::string left = "  " + flag.name + (flag.is_switch ? "" : " X");
+            left.resize(std::max<size_t>(left.size() + 1, 18), ' ');
+            text += left + flag.help + (flag.default_value.empty() ? "" : " (default " + flag.default_value + ")") + "\n";
+        }
+    }
+    return text;
+}
+
+// The flags given on the command line, checked against the command's table; defaults fill the rest.
+struct Flags {
+    std::map<std::string, std::string> values;
+    std::set<std::string> given;
+
+    bool has(const std::string& name) const { return given.contains(name); }
+    const std::string& text(const std::string& name) const { return values.at(name); }
+    int integer(const std::string& name) const {
+        const std::string& s = text(name);
+        size_t used = 0;
+        long long value = 0;
+        try {
+            value = std::stoll(s, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        check(used == s.size() && !s.empty() && value >= std::numeric_limits<int>::min() && value <= std::numeric_limits<int>::max(),
+              name + " expects an integer, got '" + s + "'");
+        return static_cast<int>(value);
+    }
+    int positive(const std::string& name) const {
+        const int value = integer(name);
+        check(value > 0, name + " must be positive, got " + std::to_string(value));
+        return value;
+    }
+    double real(const std::string& name) const {
+        const std::string& s = text(name);
+        char* end = nullptr;
+        const double value = std::strtod(s.c_str(), &end);
+        check(!s.empty() && end == s.c_str() + s.size() && std::isfinite(value), name + " expects a number, got '" + s + "'");
+        return value;
+    }
+    uint64_t seed(const std::string& name) const {
+        const std::string& s = text(name);
+        check(!s.empty() && s.find_first_not_of("0123456789") == std::string::npos && s.size() <= 19, name + " expects a non-negative integer, got '" + s + "'");
+        return std::stoull(s);
+    }
+};
+
+Flags parse_flags(const Command& command, const std::vector<std::string>& args) {
+    Flags flags;
+    for (const FlagSpec& spec : command.flags) flags.values[spec.name] = spec.default_value;
+    for (size_t i = 0; i < args.size(); ++i) {
+        std::string name = args[i], value;
+        const size_t equals = name.find('=');
+        const bool inline_value = name.starts_with("--") && equals != std::string::npos;
+        if (inline_value) value = name.substr(equals + 1), name = name.substr(0, equals);
+        const auto spec = std::find_if(command.flags.begin(), command.flags.end(), [&](const FlagSpec& f) { return f.name == name; });
+        if (spec == command.flags.end()) throw UsageError("unknown flag '" + name + "' for ./gpt " + command.name);
+        if (spec->is_switch) {
+            if (inline_value) throw UsageError(name + " takes no value");
+            value = "1";
+        } else if (!inline_value) {
+            if (i + 1 >= args.size()) throw UsageError(name + " needs a value");
+            value = args[++i];
+        }
+        flags.values[name] = value;
+        flags.given.insert(name);
+    }
+    return flags;
+}
+
+// The live progress line: rewritten in place on a terminal, printed as plain lines otherwise.
+struct Progress {
+    bool live = isatty(fileno(stdout)) != 0;
+    Timer timer;
+    double last_print = -1.0;
+
+    static std::string clock(const double seconds) {
+        const int s = static_cast<int>(seconds + 0.5);
+        char text[32];
+        std::snprintf(text, sizeof text, "%d:%02d", s / 60, s % 60);
+        return text;
+    }
+    void update(const int step, const int total, const int first_step, const float loss, const float lr, const int tokens_per_step) {
+        const double elapsed = timer.seconds();
+        const bool plain_line_due = step % std::max(1, total / 20) == 0 || step == total;
+        if (live ? elapsed - last_print < 0.1 && step != total : !plain_line_due) return;
+        last_print = elapsed;
+        const double steps_done = step - first_step;
+        const double tokens_per_second = steps_done * tokens_per_step / std::max(elapsed, 1e-9);
+        const double eta = steps_done > 0 ? elapsed / steps_done * (total - step) : 0.0;
+        std::printf("%sstep %5d/%d | loss %.4f | lr %.2e | %6.0f tok/s | elapsed %s | eta %s%s", live ? "\r" : "", step, total, loss, lr,
+                    tokens_per_second, clock(elapsed).c_str(), clock(eta).c_str(), live ? "  " : "\n");
+        std::fflush(stdout);
+    }
+    void end_line() {
+        if (live) std::printf("\n");
+    }
+};
+
+std::string describe_model(const ModelConfig& c) {
+    return "L" + std::to_string(c.n_layers) + " D" + std::to_string(c.dim) + " H" + std::to_string(c.n_heads) + " G" +
+           std::to_string(c.n_kv_heads) + " F" + std::to_string(c.ffn_dim) + " T" + std::to_string(c.context) + " V" +
+           std::to_string(c.vocab_size) + (c.tie_embeddings ? " tied" : "");
+}
+
+std::string loss_log_path(const std::string& checkpoint_path, const std::string& suffix) {
+    return std::filesystem::path(checkpoint_path).replace_extension(suffix).string();
+}
+
+// Trains and returns the path of the final checkpoint.
+std::string cmd_train(const Flags& flags) {
+    TrainConfig train;
+    train.data_path = flags.text("--data");
+    train.out_path = flags.text("--out");
+    set_thread_count(flags.positive("--threads"));
+
+    Model model;
+    Tokenizer tokenizer;
+    TrainingState state;
+    std::vector<LogRow> log;
+    if (flags.has("--resume")) {
+        train.resume_path = flags.text("--resume");
+        for (const FlagSpec& spec : model_flags)
+            check(!flags.has(spec.name), spec.name + " cannot be combined with --resume: the model's shape comes from the checkpoint");
+        const std::string where = "checkpoint '" + train.resume_path + "': ";
+        Checkpoint checkpoint = load_checkpoint(train.resume_path);
+        state = training_state_from_checkpoint(checkpoint, train, where);
+        model = std::move(checkpoint.model);
+        tokenizer = std::move(checkpoint.tokenizer);
+        if (const std::string csv = loss_log_path(train.resume_path, ".loss.csv"); std::filesystem::exists(csv))
+            for (const LogRow& row : parse_loss_log_csv(read_file(csv)))
+                if (row.step <= state.step) log.push_back(row);
+    }
+    // Flags given explicitly override the schedule stored in a checkpoint.
+    if (!flags.has("--resume") || flags.has("--steps")) train.steps = flags.positive("--steps");
+    if (!flags.has("--resume") || flags.has("--batch")) train.batch = flags.positive("--batch");
+    if (!flags.has("--resume") || flags.has("--lr")) train.lr = static_cast<float>(flags.real("--lr"));
+    if (!flags.has("--resume") || flags.has("--warmup")) train.warmup = flags.integer("--warmup");
+    if (!flags.has("--resume") || flags.has("--eval-every")) train.eval_every = flags.positive("--eval-every");
+    if (!flags.has("--resume") || flags.has("--seed")) train.seed = flags.seed("--seed");
+    train.stop_after = flags.integer("--stop-after");
+    check(train.lr > 0, "--lr must be positive, got " + flags.text("--lr"));
+    check(train.warmup >= 0, "--warmup must not be negative, got " + flags.text("--warmup"));
+    check(train.stop_after >= 0, "--stop-after must not be negative, got " + flags.text("--stop-after"));
+
+    const std::vector<std::string> documents = read_documents(train.data_path);
+    if (!flags.has("--resume")) {
+        tokenizer = build_char_tokenizer(documents);
+        ModelConfig config;
+        config.vocab_size = tokenizer.vocab_size();
+        config.n_layers = flags.positive("--layers");
+        config.dim = flags.positive("--dim");
+        config.n_heads = flags.positive("--heads");
+        config.n_kv_heads = flags.positive("--kv-heads");
+        config.ffn_dim = flags.positive("--ffn");
+        config.context = flags.positive("--ctx");
+        config.tie_embeddings = flags.has("--tie");
+        model = make_model(config);
+        init_model(model, train.seed);
+        state = make_training_state(model, train.seed);
+    }
+    check(state.step < train.steps, "the checkpoint has already done " + std::to_string(state.step) + " of " + std::to_string(train.steps) +
+                                        " steps; pass a larger --steps to continue");
+    const DocumentSplit split = split_documents(documents);
+    const std::vector<int> train_stream = make_stream(tokenizer, split.train);
+    const std::vector<int> val_stream = make_stream(tokenizer, split.validation);
+    const int T = model.config.context;
+    check(train_stream.size() >= size_t(T) + 1, "data file '" + train.data_path + "' has " + std::to_string(train_stream.size()) +
+                                                    " training tokens, fewer than one window of T+1 = " + std::to_string(T + 1));
+
+    std::printf("data: %s, %zu documents (%zu train, %zu validation), %zu + %zu tokens\n", train.data_path.c_str(), documents.size(),
+                split.train.size(), split.validation.size(), train_stream.size(), val_stream.size());
+    std::printf("model: %s, %zu parameters; batch %d, lr %s, warmup %d, %d steps, %d threads%s\n", describe_model(model.config).c_str(),
+                count_parameters(model), train.batch, float_text(train.lr).c_str(), train.warmup, train.steps, thread_count,
+                flags.has("--resume") ? (", resuming at step " + std::to_string(state.step)).c_str() : "");
+
+    const int first_step = state.step;
+    const int last_step = train.stop_after > 0 ? std::min(train.steps, first_step + train.stop_after) : train.steps;
+    Progress progress;
+    Tape tape;
+    Batch batch;
+    double loss_sum = 0.0;
+    int loss_count = 0, saved_step = -1;
+    // A non-finite loss, gradient or weight ends the run; the checkpoint on disk is the last good one.
+    const auto stop_training = [&](const std::string& reason) {
+        progress.end_line();
+        throw Error(reason + "; training stopped, " +
+                    (saved_step >= 0 ? "the last good checkpoint '" + train.out_path + "' (step " + std::to_string(saved_step) + ") is kept"
+                                     : "no checkpoint was written by this run"));
+    };
+    while (state.step < last_step) {
+        StepResult result;
+        try {
+            result = train_step(model, state, tape, batch, train_stream, train);
+        } catch (const Error& e) {
+            stop_training(e.what());
+        }
+        loss_sum += result.loss;
+        ++loss_count;
+        log.push_back({state.step, result.loss, result.lr, std::nullopt});
+        progress.update(state.step, train.steps, first_step, result.loss, result.lr, train.batch * T);
+        if (state.step % train.eval_every == 0 || state.step == last_step) {
+            if (!all_finite(model)) stop_training("the weights overflowed at step " + std::to_string(state.step));
+            const EvalResult val = evaluate(model, val_stream, 32);
+            if (val.tokens > 0) log.back().val_loss = static_cast<float>(val.loss);
+            save_checkpoint(train.out_path, model, tokenizer, training_tensors(model, state),
+                            {{"train_state", training_state_to_json(state, train)}});
+            saved_step = state.step;
+            write_file_atomically(loss_log_path(train.out_path, ".loss.csv"), loss_log_csv(log));
+            write_file_atomically(loss_log_path(train.out_path, ".loss.svg"), loss_plot_svg(log, "gpt.cpp: " + train.data_path));
+            progress.end_line();
+            std::printf("step %d: train loss %.4f (mean of the last %d steps), val loss %s, saved %s\n", state.step, loss_sum / loss_count,
+                        loss_count, val.tokens > 0 ? float_text(float(val.loss)).c_str() : "n/a (no validation documents)", train.out_path.c_str());
+            loss_sum = 0.0;
+            loss_count = 0;
+        }
+    }
+    std::printf("trained %d steps in %s; loss log %s, plot %s\n", state.step - first_step, Progress::clock(progress.timer.seconds()).c_str(),
+                loss_log_path(train.out_path, ".loss.csv").c_str(), loss_log_path(train.out_path, ".loss.svg").c_str());
+    return train.out_path;
+}
+
+std::vector<std::string> select_split(const std::vector<std::string>& documents, const std::string& split) {
+    if (split == "all") return documents;
+    check(split == "train" || split == "val", "--split must be all, train or val, got '" + split + "'");
+    const DocumentSplit parts = split_documents(documents);
+    return split == "train" ? parts.train : parts.validation;
+}
+
+void cmd_eval(const Flags& flags) {
+    set_thread_count(flags.positive("--threads"));
+    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+    const std::vector<std::string> documents = select_split(read_documents(flags.text("--data")), flags.text("--split"));
+    std::vector<int> stream;
+    try {
+        stream = make_stream(checkpoint.tokenizer, documents);
+    } catch (const Error& e) {
+        throw Error("the checkpoint's tokenizer cannot encode '" + flags.text("--data") + "': " + e.what());
+    }
+    check(stream.size() >= 2, "no tokens to evaluate in this split of '" + flags.text("--data") + "'");
+    const EvalResult result = evaluate(checkpoint.model, stream, 32);
+    if (flags.has("--json"))
+        std::printf("{\"loss\": %.9g, \"perplexity\": %.9g, \"tokens\": %zu}\n", result.loss, std::exp(result.loss), result.tokens);
+    else
+        std::printf("loss %.6f | perplexity %.4f | %zu predicted tokens (%s split of %s)\n", result.loss, std::exp(result.loss), result.tokens,
+                    flags.text("--split").c_str(), flags.text("--data").c_str());
+}
+
+void cmd_sample(const Flags& flags) {
+    set_thread_count(flags.positive("--threads"));
+    SampleConfig config;
+    config.count = flags.integer("--n");
+    config.prompt = flags.text("--prompt");
+    config.temperature = static_cast<float>(flags.real("--temperature"));
+    config.top_k = flags.integer("--top-k");
+    config.top_p = flags.real("--top-p");
+    config.seed = flags.seed("--seed");
+    config.max_tokens = flags.integer("--max-tokens");
+    validate_sample_config(config);
+    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+    std::vector<int> prompt;
+    try {
+        prompt = encode(checkpoint.tokenizer, config.prompt);
+    } catch (const Error& e) {
+        throw Error(std::string("--prompt: ") + e.what());
+    }
+    int reached_context = 0;
+    for (int i = 0; i < config.count; ++i) {
+        Rng rng(config.seed + uint64_t(i));
+        const Sample sample = generate(checkpoint.model, checkpoint.tokenizer, prompt, config, rng);
+        std::printf("%s\n", decode(checkpoint.tokenizer, sample.tokens).c_str());
+        reached_context += sample.reached_context;
+    }
+    if (reached_context > 0)
+        std::fprintf(stderr, "note: %d of %d documents stopped at the model's context of %d tokens, before EOT\n", reached_context,
+                     config.count, checkpoint.model.config.context);
+}
+
+void cmd_bench(const Flags& flags) {
+    const int threads = flags.positive("--threads");
+    const std::vector<BenchRow> rows = run_benchmarks(threads);
+    if (flags.has("--json")) {
+        std::printf("[");
+        for (size_t i = 0; i < rows.size(); ++i)
+            std::printf("%s\n  {\"name\": %s, \"value\": %.6g, \"unit\": %s}", i ? "," : "", json_quote(rows[i].name).c_str(), rows[i].value,
+                        json_quote(rows[i].unit).c_str());
+        std::printf("\n]\n");
+        return;
+    }
+    std::printf("| benchmark | value | unit |\n|---|---:|---|\n");
+    for (const BenchRow& row : rows) std::printf("| %s | %.1f | %s |\n", row.name.c_str(), row.value, row.unit.c_str());
+}
+
+int run_command_line(const std::vector<std::string>& args) {
+    if (!args.empty() && (args[0] == "--help" || args[0] == "-h" || args[0] == "help")) {
+        std::printf("%s", usage().c_str());
+        return 0;
+    }
+    const std::vector<Command> all = commands();
+    const bool default_run = args.empty();
+    const std::string name = default_run ? "train" : args[0];
+    const auto command = std::find_if(all.begin(), all.end(), [&](const Command& c) { return c.name == name; });
+    if (command == all.end()) throw UsageError("unknown command '" + name + "'");
+    const std::vector<std::string> rest(args.begin() + (default_run ? 0 : 1), args.end());
+    if (std::find(rest.begin(), rest.end(), "--help") != rest.end()) {
+        std::printf("./gpt %s: %s\n", command->name.c_str(), command->summary.c_str());
+        for (const FlagSpec& flag : command->flags)
+            std::printf("  %-16s %s%s\n", (flag.name + (flag.is_switch ? "" : " X")).c_str(), flag.help.c_str(),
+                        flag.default_value.empty() ? "" : (" (default " + flag.default_value + ")").c_str());
+        return 0;
+    }
+    const Flags flags = parse_flags(*command, rest);
+    if (name == "train") {
+        const std::string checkpoint = cmd_train(flags);
+        if (default_run) {
+            std::printf("\n20 names sampled from %s:\n", checkpoint.c_str());
+            cmd_sample(parse_flags(all[2], {"--model", checkpoint}));
+        }
+    } else if (name == "eval") {
+        cmd_eval(flags);
+    } else if (name == "sample") {
+        cmd_sample(flags);
+    } else {
+        cmd_bench(flags);
+    }
+    return 0;
+}
+
+#ifndef GPT_NO_MAIN
+int main(int argc, char** argv) {
+    try {
+        return run_command_line(std::vector<std::string>(argv + 1, argv + argc));
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "error: %s\n\n%s", e.what(), usage().c_str());
+        return 2;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
+#endif

@@ -1,0 +1,774 @@
+// tests.cpp: the doctest suite. It includes gpt.cpp with its main compiled out, so every function is tested
+// directly. Test suites are numbered like gpt.cpp's sections, so a failure points at a section.
+// Each test compares against something independent of the code under test: a hand-computed value,
+// a naive loop written here, or central finite differences.
+//
+// Built twice by the Makefile: `tests` (g++, CPU tests) and, where nvcc exists, `tests_cuda`
+// (-DGPT_CUDA_TESTS: includes gpt_cuda.cu and runs the GPU suites, skipped when no GPU is present).
+
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#define GPT_NO_MAIN
+#ifdef GPT_CUDA_TESTS
+#include "gpt_cuda.cu"
+#else
+#include "gpt.cpp"
+
+// ---- Helpers shared by the tests ----
+
+// A fresh, empty directory under the system temp dir, removed when the test ends.
+struct TempDir {
+    std::filesystem::path path;
+    TempDir() {
+        static int counter = 0;
+        path = std::filesystem::temp_directory_path() / ("gpt_tests_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+        std::filesystem::remove_all(path);
+        std::filesystem::create_directories(path);
+    }
+    ~TempDir() { std::filesystem::remove_all(path); }
+    std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+void write_file(const std::string& path, const std::string& text) {
+    std::ofstream(path, std::ios::binary) << text;
+}
+
+std::vector<float> random_vector(const size_t n, Rng& rng, const float scale = 1.0f) {
+    std::vector<float> v(n);
+    for (float& x : v) x = scale * rng.normal();
+    return v;
+}
+
+Tensor random_tensor(std::vector<int> shape, Rng& rng, const float scale = 1.0f) {
+    Tensor t = make_tensor(std::move(shape), true);
+    t.data = random_vector(t.numel(), rng, scale);
+    return t;
+}
+
+// Runs the backward steps recorded on the tape with d(out) = seed, as if the loss were sum(out * seed).
+void backward_from(Tape& tape, Tensor& out, const std::vector<float>& seed) {
+    out.grad = seed;
+    for (auto step = tape.backward_steps.rbegin(); step != tape.backward_steps.rend(); ++step) (*step)();
+}
+
+// Gradient check by central finite differences. forward(tape) builds the op's output from `inputs` (tensors
+// the test owns). The scalar is L = sum(out * seed) with a fixed random seed, accumulated in double.
+// Tolerance: the code computes in float (relative rounding ~1e-7 per op); with eps = 1e-3 the difference
+// quotient carries an error of about |L| * 1e-7 / 1e-3 plus O(eps^2) curvature, so at these small sizes
+// (|L| < ~10) 2e-3 absolute plus 2% relative separates rounding from a wrong formula, which is off by O(1).
+void grad_check(const std::function<Tensor&(Tape&)>& forward, const std::vector<Tensor*>& inputs, const uint64_t seed = 7) {
+    Rng rng(seed);
+    Tape tape;
+    Tensor& out = forward(tape);
+    const std::vector<float> weights = random_vector(out.numel(), rng);
+    for (Tensor* input : inputs) std::fill(input->grad.begin(), input->grad.end(), 0.0f);
+    backward_from(tape, out, weights);
+    const auto loss = [&] {
+        Tape t;
+        t.record = false;
+        const Tensor& o = forward(t);
+        double sum = 0.0;
+        for (size_t i = 0; i < o.numel(); ++i) sum += double(o.data[i]) * weights[i];
+        return sum;
+    };
+    constexpr float eps = 1e-3f;
+    for (size_t which = 0; which < inputs.size(); ++which) {
+        Tensor& input = *inputs[which];
+        for (size_t i = 0; i < input.numel(); ++i) {
+            const float saved = input.data[i];
+            input.data[i] = saved + eps;
+            const double plus = loss();
+            input.data[i] = saved - eps;
+            const double minus = loss();
+            input.data[i] = saved;
+            const double numeric = (plus - minus) / (2.0 * eps);
+            INFO("input ", which, " element ", i, ": analytic ", input.grad[i], ", numeric ", numeric);
+            CHECK(std::abs(input.grad[i] - numeric) <= 2e-3 + 2e-2 * std::abs(numeric));
+        }
+    }
+}
+
+ModelConfig tiny_config(const int V = 11) {
+    ModelConfig c;
+    c.vocab_size = V;
+    c.n_layers = 2, c.dim = 16, c.n_heads = 4, c.n_kv_heads = 2, c.ffn_dim = 24, c.context = 8;
+    return c;
+}
+
+// Names-like documents over a small alphabet.
+std::string small_corpus(const int documents) {
+    Rng rng(3);
+    std::string text;
+    for (int d = 0; d < documents; ++d) {
+        const int length = 2 + static_cast<int>(rng.below(6));
+        for (int i = 0; i < length; ++i) text += static_cast<char>('a' + rng.below(8));
+        text += "\n";
+    }
+    return text;
+}
+
+int run_cli(const std::vector<std::string>& args) { return run_command_line(args); }
+
+std::map<std::string, std::vector<float>> checkpoint_values(const std::string& path) {
+    std::map<std::string, std::vector<float>> values;
+    for (auto& [name, tensor] : read_safetensors(path).tensors) values[name] = tensor.data;
+    return values;
+}
+
+// ==== 1. Foundations ====
+TEST_SUITE("1. Foundations") {
+    TEST_CASE("splitmix64 matches the reference sequence for seed 0") {
+        // First outputs of splitmix64 seeded with 0, from the published reference implementation.
+        uint64_t state = 0;
+        CHECK(splitmix64(state) == 0xe220a8397b1dcdafULL);
+        CHECK(splitmix64(state) == 0x6e789e6aa1b965f4ULL);
+    }
+    TEST_CASE("Rng: same seed, same stream; uniform in [0, 1); normal has mean 0 and variance 1") {
+        Rng a(5), b(5);
+        for (int i = 0; i < 100; ++i) CHECK(a.next_u64() == b.next_u64());
+        double sum = 0.0, sum_squares = 0.0;
+        constexpr int n = 200000;
+        for (int i = 0; i < n; ++i) {
+            const float u = a.uniform();
+            CHECK_UNARY(u >= 0.0f && u < 1.0f);
+            const double z = a.normal();
+            sum += z;
+            sum_squares += z * z;
+        }
+        CHECK(std::abs(sum / n) < 0.01);          // standard error 1/sqrt(n) = 0.0022
+        CHECK(std::abs(sum_squares / n - 1.0) < 0.02);
+        for (int i = 0; i < 1000; ++i) CHECK(a.below(7) < 7u);
+    }
+    TEST_CASE("parallel_for runs every index exactly once") {
+        set_thread_count(3);
+        std::vector<int> hits(1000, 0);
+        parallel_for(1000, 1e9, [&](int i) { hits[i] += 1; });
+        CHECK(std::count(hits.begin(), hits.end(), 1) == 1000);
+        set_thread_count(1);
+    }
+}
+
+// ==== 3. Data ====
+TEST_SUITE("3. Data") {
+    TEST_CASE("documents: lines split on newline, trailing CR dropped, empty lines skipped, spaces kept") {
+        TempDir dir;
+        write_file(dir.file("d.txt"), "anna\r\n\nbob\n   \ncy");
+        const std::vector<std::string> docs = read_documents(dir.file("d.txt"));
+        CHECK(docs == std::vector<std::string>{"anna", "bob", "   ", "cy"});
+    }
+    TEST_CASE("split: document i is validation when i % 10 == 9") {
+        std::vector<std::string> docs;
+        for (int i = 0; i < 25; ++i) docs.push_back("d" + std::to_string(i));
+        const DocumentSplit split = split_documents(docs);
+        CHECK(split.validation == std::vector<std::string>{"d9", "d19"});
+        CHECK(split.train.size() == 23);
+        CHECK(split.train[9] == "d10");
+    }
+    TEST_CASE("bad data files give clear errors") {
+        TempDir dir;
+        CHECK_THROWS_WITH_AS(read_documents(dir.file("missing.txt")), doctest::Contains("does not exist"), Error);
+        write_file(dir.file("empty.txt"), "\n\r\n\n");
+        CHECK_THROWS_WITH_AS(read_documents(dir.file("empty.txt")), doctest::Contains("no documents"), Error);
+        CHECK_THROWS_WITH_AS(read_documents(dir.path.string()), doctest::Contains("not a file"), Error);
+    }
+}
+
+// ==== 4. Tokenizer ====
+TEST_SUITE("4. Tokenizer") {
+    TEST_CASE("char tokenizer: sorted code points, EOT last, round trip with multi-byte characters") {
+        const Tokenizer t = build_char_tokenizer({"zoë", "ab", "日本"});
+        // code points: a b o z ë(U+00EB) 日(U+65E5) 本(U+672C)
+        CHECK(t.chars == std::vector<char32_t>{U'a', U'b', U'o', U'z', U'\u00eb', U'\u65e5', U'\u672c'});
+        CHECK(t.eot() == 7);
+        CHECK(t.vocab_size() == 8);
+        CHECK(encode(t, "zoë") == std::vector<int>{3, 2, 4});
+        for (const std::string s : {"zoë", "ab", "日本", "", "bazoo日"}) CHECK(decode(t, encode(t, s)) == s);
+    }
+    TEST_CASE("unknown characters and invalid UTF-8 are errors") {
+        const Tokenizer t = build_char_tokenizer({"abc"});
+        CHECK_THROWS_WITH_AS(encode(t, "abd"), doctest::Contains("'d' (U+0064) is not in the tokenizer's vocabulary"), Error);
+        CHECK_THROWS_WITH_AS(utf8_decode("a\xff"), doctest::Contains("invalid UTF-8"), Error);
+        CHECK_THROWS_WITH_AS(utf8_decode("\xc3"), doctest::Contains("invalid UTF-8"), Error);
+        CHECK_THROWS_WITH_AS(utf8_decode("\xc0\xaf"), doctest::Contains("overlong"), Error);
+    }
+}
+
+// ==== 5. Token streams and batches ====
+TEST_SUITE("5. Token streams") {
+    TEST_CASE("stream = [EOT] + doc_0 + [EOT] + doc_1 + [EOT]") {
+        const Tokenizer t = build_char_tokenizer({"ab", "b"});
+        CHECK(make_stream(t, {"ab", "b"}) == std::vector<int>{2, 0, 1, 2, 1, 2});
+    }
+    TEST_CASE("training windows: targets are inputs shifted by one, inside the stream") {
+        std::vector<int> stream(50);
+        std::iota(stream.begin(), stream.end(), 0);
+        Batch batch;
+        Rng rng(1);
+        sample_batch(batch, stream, 16, 10, rng);
+        for (int b = 0; b < 16; ++b)
+            for (int t = 0; t < 10; ++t) {
+                CHECK(batch.targets[b * 10 + t] == batch.inputs[b * 10 + t] + 1);
+                if (t > 0) CHECK(batch.inputs[b * 10 + t] == batch.inputs[b * 10 + t - 1] + 1);
+            }
+        CHECK(*std::max_element(batch.targets.begin(), batch.targets.end()) <= 49);
+        std::vector<int> short_stream(10);
+        CHECK_THROWS_WITH_AS(sample_batch(batch, short_stream, 1, 10, rng), doctest::Contains("fewer than one window"), Error);
+    }
+}
+
+// ==== 7. Core ops ====
+TEST_SUITE("7. Core ops") {
+    TEST_CASE("matmul equals a naive triple loop at awkward sizes, for any thread count") {
+        Rng rng(11);
+        for (const auto [N, K, M] : {std::array{1, 1, 1}, {17, 33, 5}, {70, 13, 65}, {5, 100, 333}}) {
+            const std::vector<float> x = random_vector(size_t(N) * K, rng), w = random_vector(size_t(M) * K, rng);
+            std::vector<float> out(size_t(N) * M), again(size_t(N) * M);
+            set_thread_count(1);
+            matmul_forward(out, x, w, N, K, M);
+            set_thread_count(3);
+            matmul_forward(again, x, w, N, K, M);
+            set_thread_count(1);
+            CHECK(out == again);
+            for (int i = 0; i < N; ++i)
+                for (int j = 0; j < M; ++j) {
+                    double ref = 0.0;
+                    for (int k = 0; k < K; ++k) ref += double(x[size_t(i) * K + k]) * w[size_t(j) * K + k];
+                    CHECK(std::abs(out[size_t(i) * M + j] - ref) <= 1e-4 * (1.0 + std::abs(ref)) * std::sqrt(double(K)));
+                }
+        }
+    }
+    TEST_CASE("gradients: matmul") {
+        Rng rng(1);
+        Tensor x = random_tensor({5, 7}, rng), w = random_tensor({3, 7}, rng);
+        grad_check([&](Tape& t) -> Tensor& { return matmul(t, x, w); }, {&x, &w});
+    }
+    TEST_CASE("gradients: add, mul, silu") {
+        Rng rng(2);
+        Tensor a = random_tensor({4, 6}, rng), b = random_tensor({4, 6}, rng);
+        grad_check([&](Tape& t) -> Tensor& { return add(t, a, b); }, {&a, &b});
+        grad_check([&](Tape& t) -> Tensor& { return mul(t, a, b); }, {&a, &b});
+        grad_check([&](Tape& t) -> Tensor& { return silu(t, a); }, {&a});
+    }
+    TEST_CASE("gradients: embedding with repeated tokens") {
+        Rng rng(3);
+        Tensor table = random_tensor({5, 4}, rng);
+        const std::vector<int> tokens{1, 3, 1, 0, 1};
+        grad_check([&](Tape& t) -> Tensor& { return embedding(t, table, tokens); }, {&table});
+    }
+    TEST_CASE("rms_norm forward equals the formula; gradients for x and w") {
+        Rng rng(4);
+        Tensor x = random_tensor({3, 8}, rng), w = random_tensor({8}, rng);
+        Tape tape;
+        const Tensor& y = rms_norm(tape, x, w, 1e-5f);
+        for (int n = 0; n < 3; ++n) {
+            double mean_square = 0.0;
+            for (int i = 0; i < 8; ++i) mean_square += double(x.data[n * 8 + i]) * x.data[n * 8 + i] / 8.0;
+            for (int i = 0; i < 8; ++i) CHECK(y.data[n * 8 + i] == doctest::Approx(x.data[n * 8 + i] / std::sqrt(mean_square + 1e-5) * w.data[i]).epsilon(1e-5));
+        }
+        grad_check([&](Tape& t) -> Tensor& { return rms_norm(t, x, w, 1e-5f); }, {&x, &w});
+    }
+    TEST_CASE("cross-entropy equals -log softmax by hand; gradient") {
+        // logits (0, ln 2, ln 3) -> softmax (1/6, 2/6, 3/6); target 1 -> loss = -ln(1/3) = ln 3.
+        Tensor logits = make_tensor({1, 3}, true);
+        logits.data = {0.0f, std::log(2.0f), std::log(3.0f)};
+        const std::vector<int> target{1};
+        Tape tape;
+        CHECK(cross_entropy(tape, logits, target).data[0] == doctest::Approx(std::log(3.0)).epsilon(1e-6));
+        Rng rng(5);
+        Tensor many = random_tensor({4, 6}, rng, 2.0f);
+        const std::vector<int> targets{0, 5, 2, 2};
+        grad_check([&](Tape& t) -> Tensor& { return cross_entropy(t, many, targets); }, {&many});
+    }
+    TEST_CASE("softmax_rows survives large logits") {
+        const std::vector<float> x{1000.0f, 1000.0f, -1000.0f};
+        std::vector<float> out(3);
+        softmax_rows(out, x, 1, 3);
+        CHECK(out[0] == doctest::Approx(0.5));
+        CHECK(out[2] == 0.0f);
+    }
+}
+
+// ==== 8. Attention ====
+
+// Naive double-precision attention with the causal rule of DESIGN.md §7, written independently here.
+std::vector<double> naive_attention(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v, int H, int G,
+                                    int Nq, int Nk, int hd, bool causal) {
+    std::vector<double> out(size_t(H) * Nq * hd, 0.0);
+    for (int h = 0; h < H; ++h) {
+        const int g = h / (H / G);
+        for (int i = 0; i < Nq; ++i) {
+            std::vector<double> scores;
+            for (int j = 0; j < Nk && (!causal || j <= i + Nk - Nq); ++j) {
+                double s = 0.0;
+                for (int d = 0; d < hd; ++d) s += double(q[(size_t(h) * Nq + i) * hd + d]) * k[(size_t(g) * Nk + j) * hd + d];
+                scores.push_back(s / std::sqrt(double(hd)));
+            }
+            if (scores.empty()) continue;
+            const double max = *std::max_element(scores.begin(), scores.end());
+            double sum = 0.0;
+            for (double& s : scores) sum += (s = std::exp(s - max));
+            for (size_t j = 0; j < scores.size(); ++j)
+                for (int d = 0; d < hd; ++d) out[(size_t(h) * Nq + i) * hd + d] += scores[j] / sum * v[(size_t(g) * Nk + j) * hd + d];
+        }
+    }
+    return out;
+}
+
+TEST_SUITE("8. Attention") {
+    TEST_CASE("rope: a hand-computed rotation") {
+        // hd = 4, position 1, theta = 10000: pair (0, 2) turns by 1 rad, pair (1, 3) by 10000^(-1/2) = 0.01 rad.
+        const std::vector<float> x{1, 2, 3, 4};
+        std::vector<float> out(4);
+        rope_forward(out, x, 1, 1, 4, 1, 10000.0f);
+        CHECK(out[0] == doctest::Approx(1 * std::cos(1.0) - 3 * std::sin(1.0)));
+        CHECK(out[2] == doctest::Approx(3 * std::cos(1.0) + 1 * std::sin(1.0)));
+        CHECK(out[1] == doctest::Approx(2 * std::cos(0.01) - 4 * std::sin(0.01)));
+        CHECK(out[3] == doctest::Approx(4 * std::cos(0.01) + 2 * std::sin(0.01)));
+        rope_forward(out, x, 1, 1, 4, 0, 10000.0f);  // position 0 is the identity
+        CHECK(out == x);
+    }
+    TEST_CASE("gradients: rope, heads split and merge") {
+        Rng rng(6);
+        Tensor x = random_tensor({2, 3, 5, 4}, rng);
+        grad_check([&](Tape& t) -> Tensor& { return rope(t, x, 3, 10000.0f); }, {&x});
+        Tensor rows = random_tensor({6, 8}, rng);
+        grad_check([&](Tape& t) -> Tensor& { return heads_merge(t, heads_split(t, rows, 2, 3, 4)); }, {&rows});
+    }
+    TEST_CASE("attention equals a naive loop: causal, Nq < Nk, G < H, and rows that see no key") {
+        Rng rng(7);
+        for (const auto& [H, G, Nq, Nk, causal] : {std::tuple{4, 4, 5, 5, true}, {6, 2, 7, 7, true}, {4, 1, 3, 9, true}, {2, 2, 6, 4, true}, {4, 2, 5, 8, false}}) {
+            const int hd = 8;
+            const std::vector<float> q = random_vector(size_t(H) * Nq * hd, rng, 2.0f), k = random_vector(size_t(G) * Nk * hd, rng, 2.0f),
+                                     v = random_vector(size_t(G) * Nk * hd, rng);
+            std::vector<float> out(q.size()), lse(size_t(H) * Nq);
+            attention_forward(out, lse, q, k, v, H, G, Nq, Nk, hd, causal);
+            const std::vector<double> ref = naive_attention(q, k, v, H, G, Nq, Nk, hd, causal);
+            for (size_t i = 0; i < out.size(); ++i) CHECK(std::abs(out[i] - ref[i]) <= 1e-5 + 1e-4 * std::abs(ref[i]));
+            if (causal && Nq > Nk) CHECK(std::isinf(lse[0]));  // query 0 sees no key when Nq - Nk >= 1
+        }
+    }
+    TEST_CASE("grouped-query attention equals full attention with each KV head repeated H/G times") {
+        Rng rng(8);
+        const int H = 6, G = 2, N = 9, hd = 4;
+        const std::vector<float> q = random_vector(size_t(H) * N * hd, rng), k = random_vector(size_t(G) * N * hd, rng),
+                                 v = random_vector(size_t(G) * N * hd, rng);
+        std::vector<float> k_repeated, v_repeated;
+        for (int h = 0; h < H; ++h) {
+            const int g = h / (H / G);
+            k_repeated.insert(k_repeated.end(), k.begin() + size_t(g) * N * hd, k.begin() + size_t(g + 1) * N * hd);
+            v_repeated.insert(v_repeated.end(), v.begin() + size_t(g) * N * hd, v.begin() + size_t(g + 1) * N * hd);
+        }
+        std::vector<float> grouped(q.size()), full(q.size()), lse(size_t(H) * N);
+        attention_forward(grouped, lse, q, k, v, H, G, N, N, hd, true);
+        attention_forward(full, lse, q, k_repeated, v_repeated, H, H, N, N, hd, true);
+        CHECK(grouped == full);
+    }
+    TEST_CASE("gradients: causal attention with G < H") {
+        Rng rng(9);
+        Tensor q = random_tensor({2, 4, 5, 4}, rng), k = random_tensor({2, 2, 5, 4}, rng), v = random_tensor({2, 2, 5, 4}, rng);
+        grad_check([&](Tape& t) -> Tensor& { return attention(t, q, k, v); }, {&q, &k, &v});
+    }
+}
+
+// ==== 9. Model ====
+TEST_SUITE("9. Model") {
+    TEST_CASE("parameter names and shapes follow DESIGN.md section 6") {
+        ModelConfig c = tiny_config();
+        Model model = make_model(c);
+        std::map<std::string, std::vector<int>> shapes;
+        for (const Parameter& p : model_parameters(model)) shapes[p.name] = p.tensor->shape;
+        CHECK(shapes["model.embed_tokens.weight"] == std::vector<int>{11, 16});
+        CHECK(shapes["model.layers.1.self_attn.q_proj.weight"] == std::vector<int>{16, 16});
+        CHECK(shapes["model.layers.1.self_attn.k_proj.weight"] == std::vector<int>{8, 16});
+        CHECK(shapes["model.layers.0.self_attn.o_proj.weight"] == std::vector<int>{16, 16});
+        CHECK(shapes["model.layers.0.mlp.down_proj.weight"] == std::vector<int>{16, 24});
+        CHECK(shapes["model.norm.weight"] == std::vector<int>{16});
+        CHECK(shapes["lm_head.weight"] == std::vector<int>{11, 16});
+        CHECK(shapes.size() == 1 + 2 * 9 + 2);
+        c.tie_embeddings = true;
+        Model tied = make_model(c);
+        CHECK(model_parameters(tied).size() == 1 + 2 * 9 + 1);
+    }
+    TEST_CASE("init: norms are 1, matrices have std 0.02, residual projections 0.02 / sqrt(2L)") {
+        ModelConfig c = tiny_config();
+        c.dim = 64, c.ffn_dim = 256, c.n_layers = 2;
+        Model model = make_model(c);
+        init_model(model, 1);
+        for (const Parameter& p : model_parameters(model)) {
+            double sum_squares = 0.0;
+            for (const float x : p.tensor->data) sum_squares += double(x) * x;
+            const double std = std::sqrt(sum_squares / p.tensor->numel());
+            if (!p.is_matrix) CHECK(std == 1.0);
+            else if (is_residual_projection(p.name)) CHECK(std == doctest::Approx(0.02 / 2.0).epsilon(0.1));
+            else CHECK(std == doctest::Approx(0.02).epsilon(0.1));
+        }
+    }
+    TEST_CASE("bad model configs give clear errors") {
+        ModelConfig c = tiny_config();
+        c.n_heads = 3;
+        CHECK_THROWS_WITH_AS(validate_model_config(c), doctest::Contains("not divisible by --heads"), Error);
+        c = tiny_config(), c.n_kv_heads = 3;
+        CHECK_THROWS_WITH_AS(validate_model_config(c), doctest::Contains("not divisible by --kv-heads"), Error);
+        c = tiny_config(), c.dim = 12, c.n_heads = 4;  // head size 3
+        CHECK_THROWS_WITH_AS(validate_model_config(c), doctest::Contains("odd"), Error);
+        c = tiny_config(), c.n_layers = -1;
+        CHECK_THROWS_WITH_AS(validate_model_config(c), doctest::Contains("--layers must be positive"), Error);
+    }
+    TEST_CASE("loss at initialisation is close to log(V)") {
+        ModelConfig c = tiny_config(40);
+        Model model = make_model(c);
+        init_model(model, 2);
+        Rng rng(3);
+        std::vector<int> tokens(4 * 8), targets(4 * 8);
+        for (int& t : tokens) t = static_cast<int>(rng.below(40));
+        for (int& t : targets) t = static_cast<int>(rng.below(40));
+        Tape tape;
+        const float loss = cross_entropy(tape, model_forward(tape, model, tokens, 4, 8), targets).data[0];
+        CHECK(loss == doctest::Approx(std::log(40.0)).epsilon(0.01));
+    }
+    TEST_CASE("gradients of the whole model (tied and untied) through every op") {
+        for (const bool tie : {false, true}) {
+            ModelConfig c = tiny_config(7);
+            c.dim = 8, c.n_heads = 2, c.n_kv_heads = 1, c.ffn_dim = 12, c.context = 5, c.tie_embeddings = tie;
+            Model model = make_model(c);
+            init_model(model, 4);
+            for (const Parameter& p : model_parameters(model))  // larger weights so that every path matters
+                for (float& x : p.tensor->data) x *= p.is_matrix ? 10.0f : 1.0f;
+            const std::vector<int> tokens{1, 4, 6, 0, 2, 3, 3, 5, 1, 0};
+            std::vector<Tensor*> params;
+            for (const Parameter& p : model_parameters(model)) params.push_back(p.tensor);
+            grad_check([&](Tape& t) -> Tensor& { return model_forward(t, model, tokens, 2, 5); }, params);
+        }
+    }
+    TEST_CASE("a small model overfits one batch") {
+        // A stream of exactly T+1 tokens has one window, so every batch is the same.
+        ModelConfig c = tiny_config(6);
+        Model model = make_model(c);
+        init_model(model, 5);
+        TrainingState state = make_training_state(model, 5);
+        const std::vector<int> stream{5, 0, 3, 1, 4, 2, 2, 0, 5};
+        TrainConfig train;
+        train.batch = 2, train.steps = 150, train.warmup = 10, train.lr = 1e-2f;
+        Tape tape;
+        Batch batch;
+        float loss = 0.0f;
+        for (int s = 0; s < train.steps; ++s) loss = train_step(model, state, tape, batch, stream, train).loss;
+        CHECK(loss < 0.05f);
+    }
+}
+
+// ==== 10. Checkpoint ====
+
+// Builds a safetensors file from a header string and a byte buffer, for the bad-checkpoint tests.
+std::string safetensors_bytes(const std::string& header, const std::string& buffer) {
+    std::string bytes(8, '\0');
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(uint64_t(header.size()) >> (8 * i));
+    return bytes + header + buffer;
+}
+
+TEST_SUITE("10. Checkpoint") {
+    TEST_CASE("JSON parser: objects, arrays, escapes, surrogate pairs, errors") {
+        const Json j = parse_json(R"( {"a": [1, -2.5e1, true, null], "b": "x\"\\\n\u00e9\ud83d\ude00"} )");
+        CHECK(json_number(&std::get<JsonArray>(j.find("a")->value)[1], "") == -25.0);
+        CHECK(json_string(j.find("b"), "") == "x\"\\\n\u00e9\U0001F600");
+        CHECK_THROWS_AS(parse_json("{\"a\": }"), Error);
+        CHECK_THROWS_AS(parse_json("[1, 2"), Error);
+        CHECK_THROWS_AS(parse_json("{} x"), Error);
+        const Json quoted = parse_json(json_quote("q\"\\\x01z"));
+        CHECK(json_string(&quoted, "") == "q\"\\\x01z");
+    }
+    TEST_CASE("round trip: every tensor bit-exact, config and tokenizer restored") {
+        TempDir dir;
+        ModelConfig c = tiny_config(5);
+        c.tie_embeddings = true;
+        Model model = make_model(c);
+        init_model(model, 9);
+        const Tokenizer tokenizer = build_char_tokenizer({"a\"b", "é"});
+        save_checkpoint(dir.file("m.safetensors"), model, tokenizer);
+        Checkpoint loaded = load_checkpoint(dir.file("m.safetensors"));
+        CHECK(config_to_json(loaded.model.config) == config_to_json(c));
+        CHECK(loaded.tokenizer.chars == tokenizer.chars);
+        const std::vector<Parameter> a = model_parameters(model), b = model_parameters(loaded.model);
+        REQUIRE(a.size() == b.size());
+        for (size_t i = 0; i < a.size(); ++i) CHECK(std::memcmp(a[i].tensor->data.data(), b[i].tensor->data.data(), a[i].tensor->numel() * 4) == 0);
+        CHECK_FALSE(std::filesystem::exists(dir.file("m.safetensors.tmp")));
+        // The header starts with its little-endian length and names the format.
+        const std::string bytes = read_file(dir.file("m.safetensors"));
+        uint64_t n = 0;
+        for (int i = 0; i < 8; ++i) n |= uint64_t(static_cast<unsigned char>(bytes[i])) << (8 * i);
+        CHECK(n % 8 == 0);
+        CHECK(bytes.substr(8, n).find("\"format\":\"gpt.cpp\"") != std::string::npos);
+    }
+    TEST_CASE("bad checkpoints give clear errors") {
+        TempDir dir;
+        Model model = make_model(tiny_config(4));
+        init_model(model, 1);
+        const Tokenizer tokenizer = build_char_tokenizer({"abc"});
+        save_checkpoint(dir.file("good.safetensors"), model, tokenizer);
+        const std::string good = read_file(dir.file("good.safetensors"));
+        uint64_t n = 0;
+        for (int i = 0; i < 8; ++i) n |= uint64_t(static_cast<unsigned char>(good[i])) << (8 * i);
+        const std::string header = good.substr(8, n), buffer = good.substr(8 + n);
+        const std::string metadata = header.substr(1, header.find("},") + 1);  // "__metadata__":{...}
+        const auto expect_error = [&](const std::string& name, const std::string& bytes, const std::string& message) {
+            write_file(dir.file(name), bytes);
+            INFO(name);
+            CHECK_THROWS_WITH_AS(load_checkpoint(dir.file(name)), doctest::Contains(message.c_str()), Error);
+        };
+        const auto replace = [](std::string s, const std::string& from, const std::string& to) {
+            const size_t at = s.find(from);
+            REQUIRE(at != std::string::npos);
+            return s.replace(at, from.size(), to);
+        };
+        CHECK_THROWS_WITH_AS(load_checkpoint(dir.file("missing.safetensors")), doctest::Contains("does not exist"), Error);
+        expect_error("tiny", "abc", "too short");
+        expect_error("truncated_header", good.substr(0, 8 + n / 2), "runs past the end");
+        expect_error("truncated_data", good.substr(0, good.size() - 10), "fall outside");
+        expect_error("text", "this is not a safetensors file at all, just some text", "runs past the end");
+        expect_error("not_json", safetensors_bytes("{not json}", ""), "not valid JSON");
+        const std::string embed = "\"model.embed_tokens.weight\":{\"dtype\":\"F32\",\"shape\":[4,16],\"data_offsets\":[0,256]}";
+        REQUIRE(header.find(embed) != std::string::npos);
+        expect_error("offsets_out_of_range", safetensors_bytes(replace(header, "\"data_offsets\":[0,256]", "\"data_offsets\":[0,99999999]"), buffer), "fall outside");
+        expect_error("shape_mismatch", safetensors_bytes(replace(header, "\"shape\":[4,16]", "\"shape\":[4,15]"), buffer), "bytes");
+        expect_error("wrong_dtype", safetensors_bytes(replace(header, "\"dtype\":\"F32\"", "\"dtype\":\"F16\""), buffer), "dtype F16");
+        // Overlap: point the second tensor at the first one's bytes.
+        const size_t second = header.find("data_offsets", header.find(embed) + embed.size());
+        const size_t open = header.find('[', second), close = header.find(']', second);
+        const std::string overlapping = header.substr(0, open) + "[0,64]" + header.substr(close + 1);
+        expect_error("overlap", safetensors_bytes(overlapping, buffer), "overlap");
+        expect_error("missing_tensor", safetensors_bytes(replace(header, embed + ",", ""), buffer), "'model.embed_tokens.weight' is missing");
+        expect_error("extra_tensor", safetensors_bytes(replace(header, embed, embed + ",\"extra.weight\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}"), buffer),
+                     "unexpected tensor 'extra.weight'");
+        expect_error("not_gpt_cpp", safetensors_bytes(replace(header, "\"format\":\"gpt.cpp\"", "\"format\":\"pt\""), buffer), "not a gpt.cpp checkpoint");
+        expect_error("bad_config", safetensors_bytes(replace(header, "\\\"num_attention_heads\\\":4", "\\\"num_attention_heads\\\":3"), buffer), "bad config");
+        expect_error("vocab_mismatch", safetensors_bytes(replace(header, "\\\"chars\\\":\\\"abc\\\"", "\\\"chars\\\":\\\"ab\\\""), buffer),
+                     "tokenizer has 3 tokens but config vocab_size is 4");
+        CHECK(metadata.starts_with("\"__metadata__\""));
+    }
+    TEST_CASE("a checkpoint whose tokenizer cannot encode the eval data is a clear error") {
+        TempDir dir;
+        Model model = make_model(tiny_config(4));
+        save_checkpoint(dir.file("m.safetensors"), model, build_char_tokenizer({"abc"}));
+        write_file(dir.file("other.txt"), "abd\n");
+        CHECK_THROWS_WITH_AS(run_cli({"eval", "--model", dir.file("m.safetensors"), "--data", dir.file("other.txt")}),
+                             doctest::Contains("cannot encode"), Error);
+    }
+}
+
+// ==== 11. Training ====
+TEST_SUITE("11. Training") {
+    TEST_CASE("learning-rate schedule: warm-up, then cosine from lr to 0.1 lr") {
+        CHECK(learning_rate(0, 100, 1.0f, 10) == doctest::Approx(0.1));
+        CHECK(learning_rate(9, 100, 1.0f, 10) == doctest::Approx(1.0));
+        CHECK(learning_rate(10, 100, 1.0f, 10) == doctest::Approx(1.0));
+        CHECK(learning_rate(99, 100, 1.0f, 10) == doctest::Approx(0.1));
+        // halfway through the decay: 0.1 + 0.9 * (1 + cos(pi/2)) / 2 = 0.55
+        CHECK(learning_rate(10 + 89 / 2, 100, 1.0f, 10) == doctest::Approx(0.1 + 0.9 * (1 + std::cos(std::numbers::pi * 44 / 89)) / 2));
+        CHECK(learning_rate(10 + 89 / 2, 100, 1.0f, 10) == doctest::Approx(0.55).epsilon(0.02));
+    }
+    TEST_CASE("gradient clipping scales to norm 1 only when the norm exceeds 1") {
+        Tensor a = make_tensor({2}, true), b = make_tensor({1}, true);
+        a.grad = {3.0f, 0.0f};
+        b.grad = {4.0f};  // global norm 5
+        std::vector<Parameter> params{{"a", &a, true}, {"b", &b, true}};
+        CHECK(clip_gradients(params) == doctest::Approx(5.0));
+        CHECK(a.grad[0] == doctest::Approx(0.6));
+        CHECK(b.grad[0] == doctest::Approx(0.8));
+        CHECK(clip_gradients(params) == doctest::Approx(1.0));
+        CHECK(b.grad[0] == doctest::Approx(0.8));
+    }
+    TEST_CASE("AdamW: one step by hand, decay on matrices only") {
+        // Step 1: m = 0.1 g, v = 0.05 g^2, m^ = g, v^ = g^2, so p -= lr * wd * p, then p -= lr * g / (|g| + eps).
+        Model model = make_model(tiny_config(4));
+        std::vector<Parameter> params = model_parameters(model);
+        TrainingState state = make_training_state(model, 1);
+        for (const Parameter& p : params) {
+            std::fill(p.tensor->data.begin(), p.tensor->data.end(), 2.0f);
+            std::fill(p.tensor->grad.begin(), p.tensor->grad.end(), -0.5f);
+        }
+        adamw_update(params, state, 0.01f);
+        CHECK(params[0].tensor->data[0] == doctest::Approx(2.0 - 0.01 * 0.1 * 2.0 + 0.01 * 0.5 / (0.5 + 1e-8)));
+        CHECK(params[1].tensor->data[0] == doctest::Approx(2.0 + 0.01 * 0.5 / (0.5 + 1e-8)));  // input_layernorm: no decay
+        CHECK(state.exp_avg[0][0] == doctest::Approx(-0.05));
+        CHECK(state.exp_avg_sq[0][0] == doctest::Approx(0.05 * 0.25));
+    }
+    TEST_CASE("evaluation windows on a hand-built stream equal window-by-window losses") {
+        // Stream of 12 tokens, T = 4: windows predict targets 1..4, 5..8, 9..11 (the last one short): 11 targets.
+        ModelConfig c = tiny_config(6);
+        c.context = 4;
+        Model model = make_model(c);
+        init_model(model, 3);
+        for (const Parameter& p : model_parameters(model))
+            for (float& x : p.tensor->data) x *= p.is_matrix ? 20.0f : 1.0f;
+        const std::vector<int> stream{5, 0, 1, 5, 2, 3, 4, 5, 1, 1, 0, 5};
+        const EvalResult result = evaluate(model, stream, 2);
+        CHECK(result.tokens == 11);
+        double total = 0.0;
+        for (const int start : {0, 4, 8}) {
+            const int length = std::min(4, 11 - start);
+            const std::vector<int> inputs(stream.begin() + start, stream.begin() + start + length);
+            Tape tape;
+            const Tensor& logits = model_forward(tape, model, inputs, 1, length);
+            for (int t = 0; t < length; ++t) {
+                std::vector<double> row(logits.data.begin() + t * 6, logits.data.begin() + t * 6 + 6);
+                const double max = *std::max_element(row.begin(), row.end());
+                double sum = 0.0;
+                for (const double x : row) sum += std::exp(x - max);
+                total += max + std::log(sum) - row[stream[start + t + 1]];
+            }
+        }
+        CHECK(result.loss == doctest::Approx(total / 11).epsilon(1e-6));
+    }
+    TEST_CASE("loss log CSV round trip") {
+        const std::vector<LogRow> rows{{1, 2.5f, 0.001f, std::nullopt}, {2, 2.25f, 0.002f, 2.125f}};
+        const std::vector<LogRow> back = parse_loss_log_csv(loss_log_csv(rows));
+        REQUIRE(back.size() == 2);
+        CHECK(back[1].val_loss.value() == 2.125f);
+        CHECK_FALSE(back[0].val_loss.has_value());
+        CHECK(loss_plot_svg(rows, "t").starts_with("<svg"));
+    }
+}
+
+// ==== 12. Sampling ====
+TEST_SUITE("12. Sampling") {
+    TEST_CASE("temperature 0 is greedy") {
+        const std::vector<float> logits{0.1f, 2.0f, -1.0f, 1.9f};
+        SampleConfig config;
+        config.temperature = 0.0f;
+        Rng rng(1);
+        for (int i = 0; i < 10; ++i) CHECK(sample_token(logits, config, rng) == 1);
+    }
+    TEST_CASE("top-k and top-p keep exactly the right tokens, ties ordered by id") {
+        const std::vector<double> p{0.1, 0.3, 0.1, 0.4, 0.1};
+        CHECK(candidate_tokens(p, 0, 1.0) == std::vector<int>{3, 1, 0, 2, 4});
+        CHECK(candidate_tokens(p, 2, 1.0) == std::vector<int>{3, 1});
+        CHECK(candidate_tokens(p, 3, 1.0) == std::vector<int>{3, 1, 0});  // a tie at the boundary: the lower id stays
+        CHECK(candidate_tokens(p, 0, 0.4) == std::vector<int>{3});        // 0.4 already reaches p
+        CHECK(candidate_tokens(p, 0, 0.5) == std::vector<int>{3, 1});
+        CHECK(candidate_tokens(p, 0, 0.75) == std::vector<int>{3, 1, 0});  // 0.7 < 0.75 <= 0.8
+        CHECK(candidate_tokens(p, 0, 0.01) == std::vector<int>{3});
+        CHECK(candidate_tokens(p, 2, 0.9) == std::vector<int>{3, 1});      // top-k first, then top-p of what is left
+    }
+    TEST_CASE("sampled frequencies match the distribution (chi-square)") {
+        // logits = log(p) so softmax gives p back. 100k draws, 4 categories: chi-square with 3 degrees of
+        // freedom exceeds 16.3 with probability 0.001; a sampler that is off by 1% in one category gives ~40.
+        const std::vector<double> p{0.1, 0.2, 0.3, 0.4};
+        std::vector<float> logits;
+        for (const double x : p) logits.push_back(static_cast<float>(std::log(x)));
+        SampleConfig config;
+        Rng rng(1234);
+        std::vector<int> counts(4, 0);
+        constexpr int n = 100000;
+        for (int i = 0; i < n; ++i) ++counts[sample_token(logits, config, rng)];
+        double chi_square = 0.0;
+        for (int i = 0; i < 4; ++i) chi_square += std::pow(counts[i] - n * p[i], 2) / (n * p[i]);
+        CHECK(chi_square < 16.3);
+        config.top_k = 2;  // only tokens 3 and 2 remain, renormalised to 4/7 and 3/7
+        std::fill(counts.begin(), counts.end(), 0);
+        for (int i = 0; i < n; ++i) ++counts[sample_token(logits, config, rng)];
+        CHECK(counts[0] + counts[1] == 0);
+        CHECK(std::pow(counts[3] - n * 4.0 / 7, 2) / (n * 4.0 / 7) + std::pow(counts[2] - n * 3.0 / 7, 2) / (n * 3.0 / 7) < 10.8);
+    }
+    TEST_CASE("bad sampling settings are clear errors") {
+        SampleConfig c;
+        c.top_p = 0.0f;
+        CHECK_THROWS_WITH_AS(validate_sample_config(c), doctest::Contains("--top-p"), Error);
+        c = SampleConfig(), c.top_p = 1.5f;
+        CHECK_THROWS_AS(validate_sample_config(c), Error);
+        c = SampleConfig(), c.top_k = -1;
+        CHECK_THROWS_WITH_AS(validate_sample_config(c), doctest::Contains("--top-k"), Error);
+        c = SampleConfig(), c.temperature = -0.5f;
+        CHECK_THROWS_WITH_AS(validate_sample_config(c), doctest::Contains("--temperature"), Error);
+    }
+}
+
+// ==== 14. Command line ====
+TEST_SUITE("14. Command line") {
+    TEST_CASE("resume: N steps, then N more, equals 2N steps in one go, bit for bit; threads do not matter") {
+        TempDir dir;
+        write_file(dir.file("d.txt"), small_corpus(300));
+        const std::vector<std::string> common{"train", "--data", dir.file("d.txt"), "--steps", "12", "--batch", "4", "--ctx", "8", "--layers", "2",
+                                              "--dim", "16", "--heads", "4", "--kv-heads", "2", "--ffn", "32", "--warmup", "3", "--eval-every", "5"};
+        const auto with = [&](std::vector<std::string> extra) {
+            std::vector<std::string> args = common;
+            args.insert(args.end(), extra.begin(), extra.end());
+            return args;
+        };
+        REQUIRE(run_cli(with({"--out", dir.file("full.safetensors"), "--threads", "1"})) == 0);
+        REQUIRE(run_cli(with({"--out", dir.file("half.safetensors"), "--threads", "2", "--stop-after", "6"})) == 0);
+        REQUIRE(run_cli({"train", "--resume", dir.file("half.safetensors"), "--data", dir.file("d.txt"), "--out", dir.file("resumed.safetensors"), "--threads", "3"}) == 0);
+        const auto full = checkpoint_values(dir.file("full.safetensors"));
+        const auto half = checkpoint_values(dir.file("half.safetensors"));
+        const auto resumed = checkpoint_values(dir.file("resumed.safetensors"));
+        CHECK(full.size() == resumed.size());
+        for (const auto& [name, values] : full) {
+            INFO(name);
+            CHECK(values == resumed.at(name));
+            if (name.starts_with("model.")) CHECK(values != half.at(name));
+        }
+        CHECK(read_safetensors(dir.file("resumed.safetensors")).metadata.at("train_state").find("\"step\":12") != std::string::npos);
+        // The resumed run's loss log continues the first one's.
+        const std::vector<LogRow> log = parse_loss_log_csv(read_file(dir.file("resumed.loss.csv")));
+        REQUIRE(log.size() == 12);
+        CHECK(log[0].step == 1);
+        CHECK(log[11].step == 12);
+        set_thread_count(1);
+    }
+    TEST_CASE("sampling: same seed, same documents; temperature 0 repeats; max-tokens limits length") {
+        TempDir dir;
+        write_file(dir.file("d.txt"), small_corpus(200));
+        REQUIRE(run_cli({"train", "--data", dir.file("d.txt"), "--out", dir.file("m.safetensors"), "--steps", "30", "--batch", "4", "--ctx", "8",
+                         "--layers", "1", "--dim", "16", "--heads", "2", "--kv-heads", "1", "--ffn", "32", "--threads", "1"}) == 0);
+        Checkpoint checkpoint = load_checkpoint(dir.file("m.safetensors"));
+        SampleConfig config;
+        Rng a(5), b(5);
+        CHECK(generate(checkpoint.model, checkpoint.tokenizer, {}, config, a).tokens ==
+              generate(checkpoint.model, checkpoint.tokenizer, {}, config, b).tokens);
+        config.max_tokens = 3;
+        const std::vector<int> prompt = encode(checkpoint.tokenizer, "ab");
+        const Sample sample = generate(checkpoint.model, checkpoint.tokenizer, prompt, config, a);
+        CHECK(sample.tokens.size() <= 5);
+        CHECK(std::equal(prompt.begin(), prompt.end(), sample.tokens.begin()));
+        config = SampleConfig(), config.temperature = 0.0f;
+        CHECK(generate(checkpoint.model, checkpoint.tokenizer, {}, config, a).tokens ==
+              generate(checkpoint.model, checkpoint.tokenizer, {}, config, b).tokens);
+        // A prompt that fills the context, and characters outside the vocabulary, are errors.
+        CHECK_THROWS_WITH_AS(generate(checkpoint.model, checkpoint.tokenizer, std::vector<int>(8, 0), config, a), doctest::Contains("does not fit"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"sample", "--model", dir.file("m.safetensors"), "--prompt", "a!"}), doctest::Contains("--prompt"), Error);
+    }
+    TEST_CASE("a NaN loss stops training with the step number and keeps the last good checkpoint") {
+        TempDir dir;
+        write_file(dir.file("d.txt"), small_corpus(100));
+        const std::vector<std::string> args{"train", "--data", dir.file("d.txt"), "--out", dir.file("m.safetensors"), "--steps", "200", "--batch", "2",
+                                            "--ctx", "8", "--layers", "1", "--dim", "8", "--heads", "2", "--kv-heads", "2", "--ffn", "8", "--threads", "1", "--warmup", "0",
+                                            "--lr", "1e30", "--eval-every", "1"};
+        CHECK_THROWS_WITH_AS(run_cli(args), doctest::Contains("at step"), Error);
+        CHECK_THROWS_WITH_AS(run_cli(args), doctest::Contains("last good checkpoint"), Error);
+        Checkpoint kept = load_checkpoint(dir.file("m.safetensors"));  // still loads: it was never overwritten by bad weights
+        for (const Parameter& p : model_parameters(kept.model))
+            for (const float x : p.tensor->data) REQUIRE(std::isfinite(x));
+    }
+    TEST_CASE("bad flags and values: usage errors and clear messages") {
+        TempDir dir;
+        write_file(dir.file("d.txt"), small_corpus(50));
+        const std::string data = dir.file("d.txt"), out = dir.file("m.safetensors");
+        CHECK_THROWS_AS(run_cli({"train", "--bogus"}), UsageError);
+        CHECK_THROWS_AS(run_cli({"frobnicate"}), UsageError);
+        CHECK_THROWS_AS(run_cli({"train", "--steps"}), UsageError);
+        CHECK_THROWS_WITH_AS(run_cli({"train", "--data", data, "--out", out, "--steps", "-5"}), doctest::Contains("--steps must be positive"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"train", "--data", data, "--out", out, "--steps", "ten"}), doctest::Contains("expects an integer"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"train", "--data", data, "--out", out, "--dim", "30", "--heads", "4"}), doctest::Contains("not divisible"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"train", "--data", data, "--out", out, "--heads", "4", "--kv-heads", "3"}), doctest::Contains("not divisible"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"train", "--data", data, "--out", out, "--dim", "12", "--heads", "4"}), doctest::Contains("odd"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"train", "--data", dir.file("none.txt"), "--out", out}), doctest::Contains("does not exist"), Error);
+        write_file(dir.file("short.txt"), "ab\n");
+        CHECK_THROWS_WITH_AS(run_cli({"train", "--data", dir.file("short.txt"), "--out", out}), doctest::Contains("fewer than one window"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"eval", "--model", dir.file("none.safetensors"), "--data", data}), doctest::Contains("does not exist"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"sample", "--model", out, "--top-p", "1.5"}), doctest::Contains("--top-p"), Error);
+        CHECK_FALSE(std::filesystem::exists(out));
+        CHECK(run_cli({"--help"}) == 0);
+        CHECK(usage().find("--kv-heads") != std::string::npos);
+    }
+}
+#endif
