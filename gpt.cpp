@@ -478,14 +478,25 @@ Tensor make_tensor(std::vector<int> shape, const bool with_grad) {
 struct Tape {
     bool record = true;                              // false for evaluation and sampling: no gradients kept
     std::deque<Tensor> values;                       // activations; a deque keeps their addresses stable
+    size_t used = 0;                                 // values[0 .. used) belong to the current pass
     std::vector<std::function<void()>> backward_steps;
 
-    Tensor& make(std::vector<int> shape) { return values.emplace_back(make_tensor(std::move(shape), record)); }
+    // A new zero tensor. After clear() the same buffers are handed out again, so a training loop does not
+    // return memory to the system and fault it back in at every step.
+    Tensor& make(std::vector<int> shape) {
+        if (used == values.size()) values.emplace_back();
+        Tensor& t = values[used++];
+        t.data.assign(shape_numel(shape), 0.0f);
+        if (record) t.grad.assign(t.data.size(), 0.0f);
+        else t.grad.clear();
+        t.shape = std::move(shape);
+        return t;
+    }
     void on_backward(std::function<void()> step) {
         if (record) backward_steps.push_back(std::move(step));
     }
     void clear() {
-        values.clear();
+        used = 0;
         backward_steps.clear();
     }
 };
@@ -502,13 +513,30 @@ void backward(Tape& tape, Tensor& loss) {
 // first, then inputs, weights and sizes), followed by the small tape wrapper that the model calls.
 // Rows are the B*T token positions, written N.
 
+// ---- Dot product ----
+// sum_i a_i b_i, accumulated in dot_lanes independent partial sums that are added at the end. The lanes let
+// the compiler use vector FMAs (a single running sum would force one addition after another), and the order
+// of the additions is fixed, so the result is the same on every run.
+constexpr int dot_lanes = 16;
+
+float dot(const float* a, const float* b, const int n) {
+    float lanes[dot_lanes] = {};
+    int i = 0;
+    for (; i + dot_lanes <= n; i += dot_lanes)
+        for (int l = 0; l < dot_lanes; ++l) lanes[l] += a[i + l] * b[i + l];
+    for (int l = 0; i < n; ++i, ++l) lanes[l] += a[i] * b[i];
+    for (int width = dot_lanes / 2; width > 0; width /= 2)  // add the lanes pairwise: a tree, not a chain
+        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    return lanes[0];
+}
+
 // ---- Matrix multiplication ----
 // gemm: C[n, m] (+)= A[n, p] @ B[p, m], where A(i, k) = a[i*a_row + k*a_col] and B(k, j) = b[k*b_row + j*b_col],
 // so one routine serves x @ W^T, dout @ W and dout^T @ x without transposing anything in memory.
 // How it is fast: C is cut into micro-tiles of gemm_tile_rows x gemm_tile_cols kept in registers; a
 // column panel of B is first packed into a contiguous [p, gemm_tile_cols] buffer (zero-padded at the edge),
 // so the inner loop is a broadcast of one A value times a contiguous row of the panel: a vector FMA the
-// compiler emits. Tasks are (column panel, block of rows) pairs. Each C element is summed over k in
+// compiler emits. All panels are packed first (reading B once), then tasks are (column panel, block of rows) pairs. Each C element is summed over k in
 // increasing order by one thread, so results do not depend on the thread count.
 constexpr int gemm_tile_rows = 4;
 constexpr int gemm_tile_cols = 32;
@@ -533,21 +561,31 @@ void gemm(float* c, const float* a, const size_t a_row, const size_t a_col, cons
           const size_t b_col, const int n, const int p, const int m, const bool accumulate) {
     const int col_panels = (m + gemm_tile_cols - 1) / gemm_tile_cols;
     const int row_blocks = (n + gemm_block_rows - 1) / gemm_block_rows;
+    const size_t panel_size = size_t(p) * gemm_tile_cols;
+    // Pack every column panel of B once: panel[k][j] = B(k, j0 + j), zero beyond column m.
+    // The calling thread's buffer, kept between calls (no allocation per call). The workers reach it through
+    // this reference: naming a thread_local inside the lambdas would give each worker its own, empty one.
+    thread_local std::vector<float> calling_thread_panels;
+    std::vector<float>& panels = calling_thread_panels;
+    panels.resize(col_panels * panel_size);
+    parallel_for(col_panels, double(p) * m, [&](const int panel) {
+        const int j0 = panel * gemm_tile_cols, cols = std::min(gemm_tile_cols, m - j0);
+        float* out = panels.data() + panel * panel_size;
+        for (int k = 0; k < p; ++k, out += gemm_tile_cols) {
+            const float* row = b + k * b_row + j0 * b_col;
+            for (int j = 0; j < cols; ++j) out[j] = row[j * b_col];
+            std::fill(out + cols, out + gemm_tile_cols, 0.0f);
+        }
+    });
     parallel_for(col_panels * row_blocks, 2.0 * n * p * m, [&](const int task) {
-        const int j0 = (task % col_panels) * gemm_tile_cols;
-        const int i0 = (task / col_panels) * gemm_block_rows;
-        const int cols = std::min(gemm_tile_cols, m - j0);
-        const int i_end = std::min(n, i0 + gemm_block_rows);
-        thread_local std::vector<float> panel;
-        panel.resize(size_t(p) * gemm_tile_cols);
-        for (int k = 0; k < p; ++k)
-            for (int j = 0; j < gemm_tile_cols; ++j)
-                panel[size_t(k) * gemm_tile_cols + j] = j < cols ? b[k * b_row + (j0 + j) * b_col] : 0.0f;
+        const int panel = task % col_panels, j0 = panel * gemm_tile_cols, cols = std::min(gemm_tile_cols, m - j0);
+        const int i0 = (task / col_panels) * gemm_block_rows, i_end = std::min(n, i0 + gemm_block_rows);
+        const float* packed_panel = panels.data() + panel * panel_size;
         int i = i0;
         for (; i + gemm_tile_rows <= i_end; i += gemm_tile_rows)
-            gemm_micro_tile<gemm_tile_rows>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, panel.data(), p, accumulate);
+            gemm_micro_tile<gemm_tile_rows>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, packed_panel, p, accumulate);
         for (; i < i_end; ++i)
-            gemm_micro_tile<1>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, panel.data(), p, accumulate);
+            gemm_micro_tile<1>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, packed_panel, p, accumulate);
     });
 }
 
@@ -861,10 +899,7 @@ void attention_forward(std::span<float> out, std::span<float> lse, std::span<con
             }
             float max = -std::numeric_limits<float>::infinity();
             for (int j = 0; j <= last; ++j) {
-                const float* kj = &k[(size_t(g) * Nk + j) * hd];
-                float dot = 0.0f;
-                for (int d = 0; d < hd; ++d) dot += qi[d] * kj[d];
-                scores[j] = dot * scale;
+                scores[j] = dot(qi, &k[(size_t(g) * Nk + j) * hd], hd) * scale;
                 max = std::max(max, scores[j]);
             }
             float sum = 0.0f;
@@ -900,18 +935,12 @@ void attention_backward(std::span<float> dq, std::span<float> dk, std::span<floa
                 const float* doi = &dout[(size_t(h) * Nq + i) * hd];
                 const float* oi = &out[(size_t(h) * Nq + i) * hd];
                 float* dqi = &dq[(size_t(h) * Nq + i) * hd];
-                float delta = 0.0f;
-                for (int d = 0; d < hd; ++d) delta += doi[d] * oi[d];
+                const float delta = dot(doi, oi, hd);
                 for (int j = 0; j <= last; ++j) {
                     const float* kj = &k[(size_t(g) * Nk + j) * hd];
                     const float* vj = &v[(size_t(g) * Nk + j) * hd];
-                    float score = 0.0f, dp = 0.0f;
-                    for (int d = 0; d < hd; ++d) {
-                        score += qi[d] * kj[d];
-                        dp += doi[d] * vj[d];
-                    }
-                    const float p = std::exp(score * scale - row_lse);
-                    const float ds = p * (dp - delta) * scale;
+                    const float p = std::exp(dot(qi, kj, hd) * scale - row_lse);
+                    const float ds = p * (dot(doi, vj, hd) - delta) * scale;
                     float* dkj = &dk[(size_t(g) * Nk + j) * hd];
                     float* dvj = &dv[(size_t(g) * Nk + j) * hd];
                     for (int d = 0; d < hd; ++d) {
