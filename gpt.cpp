@@ -792,40 +792,35 @@ void softmax_rows(std::span<float> out, std::span<const float> x, const int rows
 // and of the GPU kernels), rotated by RoPE, attended causally with grouped KV heads, and merged back.
 
 // ---- Splitting and merging heads ----
-// split: out[b, h, t, :] = x[b*T + t, h*hd : (h+1)*hd];  merge is its inverse. Each one's backward is the other.
-void heads_split_forward(std::span<float> out, std::span<const float> x, const int B, const int T, const int n_heads, const int hd) {
+// split: out[b, h, t, :] = x[b*T + t, h*hd : (h+1)*hd];  merge is the inverse permutation. The gradient of a
+// permutation is the inverse permutation, so each op's backward is the other one, accumulated into dx.
+void heads_permute(std::span<float> out, std::span<const float> x, const int B, const int T, const int n_heads, const int hd,
+                   const bool to_heads, const bool accumulate) {
     for (int b = 0; b < B; ++b)
         for (int h = 0; h < n_heads; ++h)
-            for (int t = 0; t < T; ++t)
-                std::copy_n(&x[(size_t(b) * T + t) * n_heads * hd + size_t(h) * hd], hd, &out[((size_t(b) * n_heads + h) * T + t) * hd]);
-}
-void heads_merge_forward(std::span<float> out, std::span<const float> x, const int B, const int T, const int n_heads, const int hd) {
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < n_heads; ++h)
-            for (int t = 0; t < T; ++t)
-                std::copy_n(&x[((size_t(b) * n_heads + h) * T + t) * hd], hd, &out[(size_t(b) * T + t) * n_heads * hd + size_t(h) * hd]);
+            for (int t = 0; t < T; ++t) {
+                const size_t rows_index = (size_t(b) * T + t) * n_heads * hd + size_t(h) * hd;
+                const size_t heads_index = ((size_t(b) * n_heads + h) * T + t) * hd;
+                const float* from = &x[to_heads ? rows_index : heads_index];
+                float* to = &out[to_heads ? heads_index : rows_index];
+                for (int d = 0; d < hd; ++d) to[d] = accumulate ? to[d] + from[d] : from[d];
+            }
 }
 
+// x: [B*T, n*hd] -> [B, n, T, hd]
 Tensor& heads_split(Tape& tape, Tensor& x, const int B, const int T, const int n_heads) {
     const int hd = x.shape[1] / n_heads;
     Tensor& out = tape.make({B, n_heads, T, hd});
-    heads_split_forward(out.data, x.data, B, T, n_heads, hd);
-    tape.on_backward([&out, &x, B, T, n_heads, hd] {
-        std::vector<float> dx(x.numel());
-        heads_merge_forward(dx, out.grad, B, T, n_heads, hd);
-        add_forward(x.grad, x.grad, dx);
-    });
+    heads_permute(out.data, x.data, B, T, n_heads, hd, true, false);
+    tape.on_backward([&out, &x, B, T, n_heads, hd] { heads_permute(x.grad, out.grad, B, T, n_heads, hd, false, true); });
     return out;
 }
+// x: [B, n, T, hd] -> [B*T, n*hd]
 Tensor& heads_merge(Tape& tape, Tensor& x) {
     const int B = x.shape[0], n_heads = x.shape[1], T = x.shape[2], hd = x.shape[3];
     Tensor& out = tape.make({B * T, n_heads * hd});
-    heads_merge_forward(out.data, x.data, B, T, n_heads, hd);
-    tape.on_backward([&out, &x, B, T, n_heads, hd] {
-        std::vector<float> dx(x.numel());
-        heads_split_forward(dx, out.grad, B, T, n_heads, hd);
-        add_forward(x.grad, x.grad, dx);
-    });
+    heads_permute(out.data, x.data, B, T, n_heads, hd, false, false);
+    tape.on_backward([&out, &x, B, T, n_heads, hd] { heads_permute(x.grad, out.grad, B, T, n_heads, hd, true, true); });
     return out;
 }
 
@@ -833,8 +828,9 @@ Tensor& heads_merge(Tape& tape, Tensor& x) {
 // In each head vector, element i pairs with i + hd/2. With a = pos * theta^(-2i/hd):
 //   x'_i = x_i cos a - x_{i+hd/2} sin a,   x'_{i+hd/2} = x_{i+hd/2} cos a + x_i sin a.
 // x: [S, T, hd] (S = B * heads), the token at t has position pos0 + t. Backward rotates by -a.
+// direction +1 rotates by +a (forward), -1 by -a (backward); accumulate adds the result into out.
 void rope_rotate(std::span<float> out, std::span<const float> x, const int S, const int T, const int hd, const int pos0,
-                 const float theta, const float direction) {
+                 const float theta, const float direction, const bool accumulate) {
     const int half = hd / 2;
     std::vector<float> cos_table(size_t(T) * half), sin_table(size_t(T) * half);
     for (int t = 0; t < T; ++t)
@@ -850,18 +846,16 @@ void rope_rotate(std::span<float> out, std::span<const float> x, const int S, co
             for (int i = 0; i < half; ++i) {
                 const float c = cos_table[size_t(t) * half + i], sn = sin_table[size_t(t) * half + i];
                 const float first = in[i], second = in[i + half];
-                o[i] = first * c - second * sn;
-                o[i + half] = second * c + first * sn;
+                o[i] = (accumulate ? o[i] : 0.0f) + (first * c - second * sn);
+                o[i + half] = (accumulate ? o[i + half] : 0.0f) + (second * c + first * sn);
             }
         }
 }
 void rope_forward(std::span<float> out, std::span<const float> x, const int S, const int T, const int hd, const int pos0, const float theta) {
-    rope_rotate(out, x, S, T, hd, pos0, theta, 1.0f);
+    rope_rotate(out, x, S, T, hd, pos0, theta, 1.0f, false);
 }
 void rope_backward(std::span<float> dx, std::span<const float> dout, const int S, const int T, const int hd, const int pos0, const float theta) {
-    std::vector<float> rotated(dout.size());
-    rope_rotate(rotated, dout, S, T, hd, pos0, theta, -1.0f);
-    add_forward(dx, dx, rotated);
+    rope_rotate(dx, dout, S, T, hd, pos0, theta, -1.0f, true);
 }
 
 Tensor& rope(Tape& tape, Tensor& x, const int pos0, const float theta) {
