@@ -3,6 +3,8 @@ CXX ?= g++
 CXXFLAGS ?= -O3 -march=native -std=c++20 -Wall -Wextra
 # fp-contract lets the compiler fuse a*b+c into one FMA instruction in the matmul loops (ISO C++ mode turns it off).
 CXXFLAGS += -ffp-contract=fast -pthread
+# GCC uses 256-bit vectors on AVX-512 machines unless asked; the matmul tiles are sized for 512-bit registers there.
+CXXFLAGS += $(if $(shell $(CXX) -march=native -dM -E - </dev/null | grep -q __AVX512F__ && echo avx512),-mprefer-vector-width=512,)
 # GCC 12 at -O3 reports false -Wrestrict positives inside libstdc++'s string concatenation ("a" + std::string),
 # GCC bug 105651; they point into the standard library, not at our code.
 CXXFLAGS += $(if $(shell $(CXX) --version | grep -q ' 12\.' && echo gcc12),-Wno-restrict,)

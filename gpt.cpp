@@ -481,12 +481,13 @@ struct Tape {
     size_t used = 0;                                 // values[0 .. used) belong to the current pass
     std::vector<std::function<void()>> backward_steps;
 
-    // A new zero tensor. After clear() the same buffers are handed out again, so a training loop does not
+    // A new tensor for an op's output: its values are not cleared (every op writes all of its output), its
+    // gradient is zero. After clear() the same buffers are handed out again, so a training loop does not
     // return memory to the system and fault it back in at every step.
     Tensor& make(std::vector<int> shape) {
         if (used == values.size()) values.emplace_back();
         Tensor& t = values[used++];
-        t.data.assign(shape_numel(shape), 0.0f);
+        t.data.resize(shape_numel(shape));
         if (record) t.grad.assign(t.data.size(), 0.0f);
         else t.grad.clear();
         t.shape = std::move(shape);
@@ -513,11 +514,19 @@ void backward(Tape& tape, Tensor& loss) {
 // first, then inputs, weights and sizes), followed by the small tape wrapper that the model calls.
 // Rows are the B*T token positions, written N.
 
+// The width of one vector register in floats, which sizes the dot-product lanes and the matmul tiles so that
+// the compiler can keep them in registers: 16 with AVX-512 (built with -mprefer-vector-width=512), else 8 (AVX2).
+#if defined(__AVX512F__)
+constexpr int simd_floats = 16;
+#else
+constexpr int simd_floats = 8;
+#endif
+
 // ---- Dot product ----
 // sum_i a_i b_i, accumulated in dot_lanes independent partial sums that are added at the end. The lanes let
 // the compiler use vector FMAs (a single running sum would force one addition after another), and the order
 // of the additions is fixed, so the result is the same on every run.
-constexpr int dot_lanes = 16;
+constexpr int dot_lanes = simd_floats;
 
 float dot(const float* a, const float* b, const int n) {
     float lanes[dot_lanes] = {};
@@ -538,9 +547,10 @@ float dot(const float* a, const float* b, const int n) {
 // so the inner loop is a broadcast of one A value times a contiguous row of the panel: a vector FMA the
 // compiler emits. All panels are packed first (reading B once), then tasks are (column panel, block of rows) pairs. Each C element is summed over k in
 // increasing order by one thread, so results do not depend on the thread count.
-constexpr int gemm_tile_rows = 4;
-constexpr int gemm_tile_cols = 32;
+constexpr int gemm_tile_rows = 8;
+constexpr int gemm_tile_cols = 2 * simd_floats;  // 8 x 2 vector accumulators: 16 of the 32 AVX-512 registers
 constexpr int gemm_block_rows = 64;
+static_assert(gemm_block_rows % gemm_tile_rows == 0, "a block of rows must hold whole micro-tiles");
 
 template <int R>
 void gemm_micro_tile(float* c, const size_t c_row, const int cols, const float* a, const size_t a_row,
@@ -584,6 +594,8 @@ void gemm(float* c, const float* a, const size_t a_row, const size_t a_col, cons
         int i = i0;
         for (; i + gemm_tile_rows <= i_end; i += gemm_tile_rows)
             gemm_micro_tile<gemm_tile_rows>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, packed_panel, p, accumulate);
+        for (; i + 4 <= i_end; i += 4)  // the rows left over: first in fours, then one by one
+            gemm_micro_tile<4>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, packed_panel, p, accumulate);
         for (; i < i_end; ++i)
             gemm_micro_tile<1>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, packed_panel, p, accumulate);
     });
@@ -868,82 +880,80 @@ Tensor& rope(Tape& tape, Tensor& x, const int pos0, const float theta) {
 
 // ---- Causal grouped-query attention (DESIGN.md §3, §7) ----
 // One sequence: q [H, Nq, hd]; k, v [G, Nk, hd] -> out [H, Nq, hd], lse [H, Nq]. Query head h reads KV head
-// h / (H/G). s_ij = q_i . k_j / sqrt(hd); causal rows see keys j <= i + Nk - Nq (the ends aligned, so a
-// prompt of Nq new tokens after Nk - Nq cached ones sees everything before it); p = softmax(s); o_i = sum_j p_ij v_j.
-// lse_i = log sum_j e^{s_ij} is saved instead of p: backward recomputes p_ij = e^{s_ij - lse_i}, as flash
-// attention does. A row that sees no key gives o = 0 and lse = -inf.
+// h / (H/G). Per head, as matrices:  S = Q K^T / sqrt(hd),  P = softmax(S) row by row,  O = P V.
+// Causal rows see keys j <= i + Nk - Nq (the ends aligned, so Nq new tokens after Nk - Nq cached ones see
+// everything before them); masked entries of P are 0. lse_i = log sum_j e^{S_ij} is saved instead of P:
+// backward recomputes P_ij = e^{S_ij - lse_i}, as flash attention does. A row that sees no key gives o = 0 and
+// lse = -inf. S and P are materialised per head ([Nq, Nk], fine on the CPU); gpt_cuda.cu shows how to avoid that.
 int attention_last_key(const int i, const int Nq, const int Nk, const bool causal) {
     return causal ? std::min(Nk - 1, i + Nk - Nq) : Nk - 1;
+}
+
+// Forward softmax of the scores, in place: P_ij = e^{S_ij scale - m_i} / l_i over the keys row i sees (0 for the
+// others), with m_i the row max and l_i the row sum; saves lse_i = m_i + log l_i.  scores: [Nq, Nk], lse: [Nq]
+void attention_softmax(std::span<float> scores, std::span<float> lse, const float scale, const int Nq, const int Nk, const bool causal) {
+    for (int i = 0; i < Nq; ++i) {
+        float* row = &scores[size_t(i) * Nk];
+        const int last = attention_last_key(i, Nq, Nk, causal);
+        float max = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+        for (int j = 0; j <= last; ++j) max = std::max(max, row[j] * scale);
+        for (int j = 0; j <= last; ++j) sum += row[j] = std::exp(row[j] * scale - max);
+        for (int j = 0; j <= last; ++j) row[j] /= sum;
+        std::fill(row + std::max(0, last + 1), row + Nk, 0.0f);
+        lse[i] = last < 0 ? -std::numeric_limits<float>::infinity() : max + std::log(sum);
+    }
+}
+
+// Backward's P, recomputed from the scores and the saved lse: P_ij = e^{S_ij scale - lse_i}, 0 where masked.
+void attention_probabilities(std::span<float> scores, std::span<const float> lse, const float scale, const int Nq, const int Nk,
+                             const bool causal) {
+    for (int i = 0; i < Nq; ++i) {
+        float* row = &scores[size_t(i) * Nk];
+        const int last = attention_last_key(i, Nq, Nk, causal);
+        for (int j = 0; j <= last; ++j) row[j] = std::exp(row[j] * scale - lse[i]);
+        std::fill(row + std::max(0, last + 1), row + Nk, 0.0f);
+    }
 }
 
 void attention_forward(std::span<float> out, std::span<float> lse, std::span<const float> q, std::span<const float> k,
                        std::span<const float> v, const int H, const int G, const int Nq, const int Nk, const int hd, const bool causal) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    parallel_for(H, 4.0 * Nq * Nk * hd, [&](const int h) {
+    const size_t q_head = size_t(Nq) * hd, kv_head = size_t(Nk) * hd;
+    parallel_for(H, 4.0 * H * Nq * Nk * hd, [&](const int h) {
         const int g = h / (H / G);
-        std::vector<float> scores(Nk);
-        for (int i = 0; i < Nq; ++i) {
-            const float* qi = &q[(size_t(h) * Nq + i) * hd];
-            float* oi = &out[(size_t(h) * Nq + i) * hd];
-            const int last = attention_last_key(i, Nq, Nk, causal);
-            std::fill_n(oi, hd, 0.0f);
-            if (last < 0) {
-                lse[size_t(h) * Nq + i] = -std::numeric_limits<float>::infinity();
-                continue;
-            }
-            float max = -std::numeric_limits<float>::infinity();
-            for (int j = 0; j <= last; ++j) {
-                scores[j] = dot(qi, &k[(size_t(g) * Nk + j) * hd], hd) * scale;
-                max = std::max(max, scores[j]);
-            }
-            float sum = 0.0f;
-            for (int j = 0; j <= last; ++j) {
-                scores[j] = std::exp(scores[j] - max);
-                sum += scores[j];
-            }
-            for (int j = 0; j <= last; ++j) {
-                const float p = scores[j] / sum;
-                const float* vj = &v[(size_t(g) * Nk + j) * hd];
-                for (int d = 0; d < hd; ++d) oi[d] += p * vj[d];
-            }
-            lse[size_t(h) * Nq + i] = max + std::log(sum);
-        }
+        std::vector<float> scores(size_t(Nq) * Nk);
+        matmul_forward(scores, q.subspan(h * q_head, q_head), k.subspan(g * kv_head, kv_head), Nq, hd, Nk);      // S = Q K^T
+        attention_softmax(scores, lse.subspan(size_t(h) * Nq, Nq), scale, Nq, Nk, causal);                        // P
+        gemm(&out[h * q_head], scores.data(), Nk, 1, &v[g * kv_head], hd, 1, Nq, Nk, hd, false);                   // O = P V
     });
 }
 
-// Backward, with dp_ij = dout_i . v_j and delta_i = dout_i . o_i:
-//   ds_ij = p_ij (dp_ij - delta_i);  dq_i += scale sum_j ds_ij k_j;  dk_j += scale ds_ij q_i;  dv_j += p_ij dout_i.
-// One task per KV head g handles all query heads that read it, in order, so dk and dv have a single writer.
+// Backward, with dP = dO V^T and delta_i = dO_i . O_i (= sum_j P_ij dP_ij):
+//   dS = P * (dP - delta) * scale;  dQ += dS K;  dK += dS^T Q;  dV += P^T dO.
+// One task per KV head g handles all query heads that read it, in order, so dK and dV have a single writer.
 void attention_backward(std::span<float> dq, std::span<float> dk, std::span<float> dv, std::span<const float> dout,
                         std::span<const float> q, std::span<const float> k, std::span<const float> v, std::span<const float> out,
                         std::span<const float> lse, const int H, const int G, const int Nq, const int Nk, const int hd, const bool causal) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const int heads_per_group = H / G;
-    parallel_for(G, 10.0 * heads_per_group * Nq * Nk * hd, [&](const int g) {
-        for (int h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h)
+    const size_t q_head = size_t(Nq) * hd, kv_head = size_t(Nk) * hd;
+    parallel_for(G, 12.0 * H * Nq * Nk * hd, [&](const int g) {
+        std::vector<float> probabilities(size_t(Nq) * Nk), dscores(size_t(Nq) * Nk);
+        for (int h = g * (H / G); h < (g + 1) * (H / G); ++h) {
+            const std::span<const float> q_h = q.subspan(h * q_head, q_head), dout_h = dout.subspan(h * q_head, q_head);
+            matmul_forward(probabilities, q_h, k.subspan(g * kv_head, kv_head), Nq, hd, Nk);                       // S
+            attention_probabilities(probabilities, lse.subspan(size_t(h) * Nq, Nq), scale, Nq, Nk, causal);       // P
+            matmul_forward(dscores, dout_h, v.subspan(g * kv_head, kv_head), Nq, hd, Nk);                          // dP = dO V^T
             for (int i = 0; i < Nq; ++i) {
-                const int last = attention_last_key(i, Nq, Nk, causal);
-                const float row_lse = lse[size_t(h) * Nq + i];
-                if (last < 0) continue;
-                const float* qi = &q[(size_t(h) * Nq + i) * hd];
-                const float* doi = &dout[(size_t(h) * Nq + i) * hd];
-                const float* oi = &out[(size_t(h) * Nq + i) * hd];
-                float* dqi = &dq[(size_t(h) * Nq + i) * hd];
-                const float delta = dot(doi, oi, hd);
-                for (int j = 0; j <= last; ++j) {
-                    const float* kj = &k[(size_t(g) * Nk + j) * hd];
-                    const float* vj = &v[(size_t(g) * Nk + j) * hd];
-                    const float p = std::exp(dot(qi, kj, hd) * scale - row_lse);
-                    const float ds = p * (dot(doi, vj, hd) - delta) * scale;
-                    float* dkj = &dk[(size_t(g) * Nk + j) * hd];
-                    float* dvj = &dv[(size_t(g) * Nk + j) * hd];
-                    for (int d = 0; d < hd; ++d) {
-                        dqi[d] += ds * kj[d];
-                        dkj[d] += ds * qi[d];
-                        dvj[d] += p * doi[d];
-                    }
+                const float delta = dot(&dout_h[size_t(i) * hd], &out[h * q_head + size_t(i) * hd], hd);
+                for (int j = 0; j < Nk; ++j) {
+                    float& ds = dscores[size_t(i) * Nk + j];
+                    ds = probabilities[size_t(i) * Nk + j] * (ds - delta) * scale;
                 }
             }
+            gemm(&dq[h * q_head], dscores.data(), Nk, 1, &k[g * kv_head], hd, 1, Nq, Nk, hd, true);                // dQ += dS K
+            gemm(&dk[g * kv_head], dscores.data(), 1, Nk, q_h.data(), hd, 1, Nk, Nq, hd, true);                     // dK += dS^T Q
+            gemm(&dv[g * kv_head], probabilities.data(), 1, Nk, dout_h.data(), hd, 1, Nk, Nq, hd, true);           // dV += P^T dO
+        }
     });
 }
 
