@@ -575,9 +575,29 @@ void gemm(float* c, const float* a, const size_t a_row, const size_t a_col, cons
     // Pack every column panel of B once: panel[k][j] = B(k, j0 + j), zero beyond column m.
     // The calling thread's buffer, kept between calls (no allocation per call). The workers reach it through
     // this reference: naming a thread_local inside the lambdas would give each worker its own, empty one.
-    thread_local std::vector<float> calling_thread_panels;
+    thread_local std::vector<float> calling_thread_panels, calling_thread_tiles;
     std::vector<float>& panels = calling_thread_panels;
     panels.resize(col_panels * panel_size);
+    // A read down its columns (a_col != 1, as dout^T in dw = dout^T x) would fetch a new cache line at every k
+    // step. Then A is packed too, in tiles of gemm_tile_rows rows stored k-major: tiles[t][k][r] = A(8t + r, k).
+    const bool pack_a = a_col != 1;
+    const int row_tiles = (n + gemm_tile_rows - 1) / gemm_tile_rows;
+    const size_t tile_size = size_t(p) * gemm_tile_rows;
+    std::vector<float>& tiles = calling_thread_tiles;
+    if (pack_a) {
+        tiles.resize(row_tiles * tile_size);
+        parallel_for(row_tiles, double(p) * n, [&](const int t) {
+            const int i0 = t * gemm_tile_rows, rows = std::min(gemm_tile_rows, n - i0);
+            float* out = tiles.data() + t * tile_size;
+            for (int k = 0; k < p; ++k, out += gemm_tile_rows)
+                for (int r = 0; r < gemm_tile_rows; ++r) out[r] = r < rows ? a[(i0 + r) * a_row + k * a_col] : 0.0f;
+        });
+    }
+    // Where row i of A starts, and A's strides as the micro-tiles read it.
+    const auto a_row_start = [&](const int i) {
+        return pack_a ? tiles.data() + (i / gemm_tile_rows) * tile_size + i % gemm_tile_rows : a + i * a_row;
+    };
+    const size_t tile_row = pack_a ? 1 : a_row, tile_col = pack_a ? gemm_tile_rows : a_col;
     parallel_for(col_panels, double(p) * m, [&](const int panel) {
         const int j0 = panel * gemm_tile_cols, cols = std::min(gemm_tile_cols, m - j0);
         float* out = panels.data() + panel * panel_size;
@@ -593,11 +613,9 @@ void gemm(float* c, const float* a, const size_t a_row, const size_t a_col, cons
         const float* packed_panel = panels.data() + panel * panel_size;
         int i = i0;
         for (; i + gemm_tile_rows <= i_end; i += gemm_tile_rows)
-            gemm_micro_tile<gemm_tile_rows>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, packed_panel, p, accumulate);
-        for (; i + 4 <= i_end; i += 4)  // the rows left over: first in fours, then one by one
-            gemm_micro_tile<4>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, packed_panel, p, accumulate);
-        for (; i < i_end; ++i)
-            gemm_micro_tile<1>(c + size_t(i) * m + j0, m, cols, a + i * a_row, a_row, a_col, packed_panel, p, accumulate);
+            gemm_micro_tile<gemm_tile_rows>(c + size_t(i) * m + j0, m, cols, a_row_start(i), tile_row, tile_col, packed_panel, p, accumulate);
+        for (; i < i_end; ++i)  // the rows left over, one by one
+            gemm_micro_tile<1>(c + size_t(i) * m + j0, m, cols, a_row_start(i), tile_row, tile_col, packed_panel, p, accumulate);
     });
 }
 
