@@ -589,8 +589,9 @@ void gemm(float* c, const float* a, const size_t a_row, const size_t a_col, cons
         parallel_for(row_tiles, double(p) * n, [&](const int t) {
             const int i0 = t * gemm_tile_rows, rows = std::min(gemm_tile_rows, n - i0);
             float* out = tiles.data() + t * tile_size;
-            for (int k = 0; k < p; ++k, out += gemm_tile_rows)
-                for (int r = 0; r < gemm_tile_rows; ++r) out[r] = r < rows ? a[(i0 + r) * a_row + k * a_col] : 0.0f;
+            if (rows < gemm_tile_rows) std::fill(out, out + tile_size, 0.0f);
+            for (int k = 0; k < p; ++k)
+                for (int r = 0; r < rows; ++r) out[k * gemm_tile_rows + r] = a[(i0 + r) * a_row + k * a_col];
         });
     }
     // Where row i of A starts, and A's strides as the micro-tiles read it.
@@ -601,11 +602,13 @@ void gemm(float* c, const float* a, const size_t a_row, const size_t a_col, cons
     parallel_for(col_panels, double(p) * m, [&](const int panel) {
         const int j0 = panel * gemm_tile_cols, cols = std::min(gemm_tile_cols, m - j0);
         float* out = panels.data() + panel * panel_size;
-        for (int k = 0; k < p; ++k, out += gemm_tile_cols) {
-            const float* row = b + k * b_row + j0 * b_col;
-            for (int j = 0; j < cols; ++j) out[j] = row[j * b_col];
-            std::fill(out + cols, out + gemm_tile_cols, 0.0f);
-        }
+        if (cols < gemm_tile_cols) std::fill(out, out + panel_size, 0.0f);
+        if (b_row == 1)  // B is W^T: walk down each column of B, which is a contiguous row of W
+            for (int j = 0; j < cols; ++j)
+                for (int k = 0; k < p; ++k) out[k * gemm_tile_cols + j] = b[k + (j0 + j) * b_col];
+        else
+            for (int k = 0; k < p; ++k)
+                for (int j = 0; j < cols; ++j) out[k * gemm_tile_cols + j] = b[k * b_row + (j0 + j) * b_col];
     });
     parallel_for(col_panels * row_blocks, 2.0 * n * p * m, [&](const int task) {
         const int panel = task % col_panels, j0 = panel * gemm_tile_cols, cols = std::min(gemm_tile_cols, m - j0);
@@ -939,7 +942,8 @@ void attention_forward(std::span<float> out, std::span<float> lse, std::span<con
     const size_t q_head = size_t(Nq) * hd, kv_head = size_t(Nk) * hd;
     parallel_for(H, 4.0 * H * Nq * Nk * hd, [&](const int h) {
         const int g = h / (H / G);
-        std::vector<float> scores(size_t(Nq) * Nk);
+        thread_local std::vector<float> scores;  // each thread's scratch, kept between calls
+        scores.resize(size_t(Nq) * Nk);
         matmul_forward(scores, q.subspan(h * q_head, q_head), k.subspan(g * kv_head, kv_head), Nq, hd, Nk);      // S = Q K^T
         attention_softmax(scores, lse.subspan(size_t(h) * Nq, Nq), scale, Nq, Nk, causal);                        // P
         gemm(&out[h * q_head], scores.data(), Nk, 1, &v[g * kv_head], hd, 1, Nq, Nk, hd, false);                   // O = P V
@@ -955,7 +959,9 @@ void attention_backward(std::span<float> dq, std::span<float> dk, std::span<floa
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const size_t q_head = size_t(Nq) * hd, kv_head = size_t(Nk) * hd;
     parallel_for(G, 12.0 * H * Nq * Nk * hd, [&](const int g) {
-        std::vector<float> probabilities(size_t(Nq) * Nk), dscores(size_t(Nq) * Nk);
+        thread_local std::vector<float> probabilities, dscores;  // each thread's scratch, kept between calls
+        probabilities.resize(size_t(Nq) * Nk);
+        dscores.resize(size_t(Nq) * Nk);
         for (int h = g * (H / G); h < (g + 1) * (H / G); ++h) {
             const std::span<const float> q_h = q.subspan(h * q_head, q_head), dout_h = dout.subspan(h * q_head, q_head);
             matmul_forward(probabilities, q_h, k.subspan(g * kv_head, kv_head), Nq, hd, Nk);                       // S
