@@ -1115,6 +1115,13 @@ Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, con
     return matmul(tape, final, c.tie_embeddings ? model.embed : model.lm_head);
 }
 
+// "L4 D64 H4 G4 F256 T32 V28": the shape in DESIGN.md's letters.
+std::string describe_model(const ModelConfig& c) {
+    return "L" + std::to_string(c.n_layers) + " D" + std::to_string(c.dim) + " H" + std::to_string(c.n_heads) + " G" +
+           std::to_string(c.n_kv_heads) + " F" + std::to_string(c.ffn_dim) + " T" + std::to_string(c.context) + " V" +
+           std::to_string(c.vocab_size) + (c.tie_embeddings ? " tied" : "");
+}
+
 size_t count_parameters(Model& model) {
     size_t n = 0;
     for (const Parameter& p : model_parameters(model)) n += p.tensor->numel();
@@ -1882,7 +1889,7 @@ Sample generate(Model& model, const Tokenizer& tokenizer, const std::vector<int>
 // training step time and tokens/s for three model sizes, and sampling tokens/s. Each timing repeats the work
 // until at least min_bench_seconds have passed and reports the mean over those repeats.
 
-constexpr double min_bench_seconds = 0.5;
+constexpr double min_bench_seconds = 1.0;
 
 template <typename Work>
 double seconds_per_run(Work&& work) {
@@ -1945,8 +1952,10 @@ std::vector<BenchRow> run_benchmarks(const int max_threads) {
         Tape tape;
         Batch batch;
         const double seconds = seconds_per_run([&] { train_step(model, state, tape, batch, stream, train); });
-        rows.push_back({"train step, " + bench.name, "ms", seconds * 1e3});
-        rows.push_back({"train tokens/s, " + bench.name, "tokens/s", double(bench.batch) * bench.config.context / seconds});
+        const std::string label = bench.name + " (" + describe_model(bench.config) + " B" + std::to_string(bench.batch) + "), " +
+                                  std::to_string(max_threads) + " thread" + (max_threads > 1 ? "s" : "");
+        rows.push_back({"train step, " + label, "ms", seconds * 1e3});
+        rows.push_back({"train tokens/s, " + label, "tokens/s", double(bench.batch) * bench.config.context / seconds});
     }
     {
         Model model = make_model(bench_models()[1].config);
@@ -1960,7 +1969,8 @@ std::vector<BenchRow> run_benchmarks(const int max_threads) {
         size_t tokens = 0;
         Timer timer;
         while (timer.seconds() < min_bench_seconds) tokens += generate(model, tokenizer, {}, config, sample_rng).tokens.size();
-        rows.push_back({"sampling, small (full forward per token)", "tokens/s", double(tokens) / timer.seconds()});
+        rows.push_back({"sampling, small (full forward per token), " + std::to_string(max_threads) + " thread" + (max_threads > 1 ? "s" : ""),
+                        "tokens/s", double(tokens) / timer.seconds()});
     }
     return rows;
 }
@@ -2140,12 +2150,6 @@ struct Progress {
         if (live) std::printf("\n");
     }
 };
-
-std::string describe_model(const ModelConfig& c) {
-    return "L" + std::to_string(c.n_layers) + " D" + std::to_string(c.dim) + " H" + std::to_string(c.n_heads) + " G" +
-           std::to_string(c.n_kv_heads) + " F" + std::to_string(c.ffn_dim) + " T" + std::to_string(c.context) + " V" +
-           std::to_string(c.vocab_size) + (c.tie_embeddings ? " tied" : "");
-}
 
 std::string loss_log_path(const std::string& checkpoint_path, const std::string& suffix) {
     return std::filesystem::path(checkpoint_path).replace_extension(suffix).string();
@@ -2332,7 +2336,7 @@ void cmd_bench(const Flags& flags) {
         return;
     }
     std::printf("| benchmark | value | unit |\n|---|---:|---|\n");
-    for (const BenchRow& row : rows) std::printf("| %s | %.1f | %s |\n", row.name.c_str(), row.value, row.unit.c_str());
+    for (const BenchRow& row : rows) std::printf("| %s | %.4g | %s |\n", row.name.c_str(), row.value, row.unit.c_str());
 }
 
 int run_command_line(const std::vector<std::string>& args) {
