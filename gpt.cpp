@@ -179,6 +179,7 @@ struct WorkerPool {
             stopping = true;
         }
         wake.notify_all();
+        threads.clear();  // join the workers here, while the mutex and condition variables they wait on still exist
     }
 };
 
