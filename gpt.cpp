@@ -684,23 +684,25 @@ Tensor& mul(Tape& tape, Tensor& a, Tensor& b) {
 }
 
 // ---- SiLU ----
-// silu(z) = z * sigmoid(z);  silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+// silu(z) = z * sigmoid(z);  silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))).  Saves sigmoid(z) for backward,
+// so that the exponential is computed once per element and step.
 float sigmoid(const float z) { return 1.0f / (1.0f + std::exp(-z)); }
 
-void silu_forward(std::span<float> out, std::span<const float> x) {
-    for (size_t i = 0; i < out.size(); ++i) out[i] = x[i] * sigmoid(x[i]);
-}
-void silu_backward(std::span<float> dx, std::span<const float> dout, std::span<const float> x) {
-    for (size_t i = 0; i < dout.size(); ++i) {
-        const float s = sigmoid(x[i]);
-        dx[i] += dout[i] * s * (1.0f + x[i] * (1.0f - s));
+void silu_forward(std::span<float> out, std::span<float> sigmoid_x, std::span<const float> x) {
+    for (size_t i = 0; i < out.size(); ++i) {
+        sigmoid_x[i] = sigmoid(x[i]);
+        out[i] = x[i] * sigmoid_x[i];
     }
+}
+void silu_backward(std::span<float> dx, std::span<const float> dout, std::span<const float> x, std::span<const float> sigmoid_x) {
+    for (size_t i = 0; i < dout.size(); ++i) dx[i] += dout[i] * sigmoid_x[i] * (1.0f + x[i] * (1.0f - sigmoid_x[i]));
 }
 
 Tensor& silu(Tape& tape, Tensor& x) {
     Tensor& out = tape.make(x.shape);
-    silu_forward(out.data, x.data);
-    tape.on_backward([&out, &x] { silu_backward(x.grad, out.grad, x.data); });
+    Tensor& sigmoid_x = tape.make(x.shape);
+    silu_forward(out.data, sigmoid_x.data, x.data);
+    tape.on_backward([&out, &sigmoid_x, &x] { silu_backward(x.grad, out.grad, x.data, sigmoid_x.data); });
     return out;
 }
 
