@@ -624,9 +624,17 @@ void gemm(float* c, const float* a, const size_t a_row, const size_t a_col, cons
 }
 
 // Linear layer: out = x @ w^T   (w is [out, in], as in PyTorch and the checkpoint)
-// x: [N, K], w: [M, K] -> out: [N, M]
+// x: [N, K], w: [M, K] -> out: [N, M]. With fewer rows than a micro-tile (decoding one token), packing would
+// copy all of w for a few rows of work: then each output is a dot product that reads its row of w directly.
 void matmul_forward(std::span<float> out, std::span<const float> x, std::span<const float> w, const int N, const int K, const int M) {
-    gemm(out.data(), x.data(), K, 1, w.data(), 1, K, N, K, M, false);
+    if (N >= gemm_tile_rows) {
+        gemm(out.data(), x.data(), K, 1, w.data(), 1, K, N, K, M, false);
+        return;
+    }
+    parallel_rows(M, 2.0 * N * K, [&](int begin, int end) {
+        for (int j = begin; j < end; ++j)
+            for (int i = 0; i < N; ++i) out[size_t(i) * M + j] = dot(&x[size_t(i) * K], &w[size_t(j) * K], K);
+    });
 }
 // dx += dout @ w,  dw += dout^T @ x
 void matmul_backward(std::span<float> dx, std::span<float> dw, std::span<const float> dout, std::span<const float> x,
@@ -939,15 +947,17 @@ void attention_probabilities(std::span<float> scores, std::span<const float> lse
     }
 }
 
+// kv_head_stride: floats from one KV head to the next; 0 means packed (Nk * hd). The KV cache passes max_T * hd.
 void attention_forward(std::span<float> out, std::span<float> lse, std::span<const float> q, std::span<const float> k,
-                       std::span<const float> v, const int H, const int G, const int Nq, const int Nk, const int hd, const bool causal) {
+                       std::span<const float> v, const int H, const int G, const int Nq, const int Nk, const int hd, const bool causal,
+                       const size_t kv_head_stride = 0) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const size_t q_head = size_t(Nq) * hd, kv_head = size_t(Nk) * hd;
+    const size_t q_head = size_t(Nq) * hd, kv_head = kv_head_stride ? kv_head_stride : size_t(Nk) * hd;
     parallel_for(H, 4.0 * H * Nq * Nk * hd, [&](const int h) {
         const int g = h / (H / G);
         thread_local std::vector<float> scores;  // each thread's scratch, kept between calls
         scores.resize(size_t(Nq) * Nk);
-        matmul_forward(scores, q.subspan(h * q_head, q_head), k.subspan(g * kv_head, kv_head), Nq, hd, Nk);      // S = Q K^T
+        matmul_forward(scores, q.subspan(h * q_head, q_head), k.subspan(g * kv_head, size_t(Nk) * hd), Nq, hd, Nk);  // S = Q K^T
         attention_softmax(scores, lse.subspan(size_t(h) * Nq, Nq), scale, Nq, Nk, causal);                        // P
         gemm(&out[h * q_head], scores.data(), Nk, 1, &v[g * kv_head], hd, 1, Nq, Nk, hd, false);                   // O = P V
     });
@@ -1003,6 +1013,23 @@ Tensor& attention(Tape& tape, Tensor& q, Tensor& k, Tensor& v) {
                                H, G, Nq, Nk, hd, true);
         });
     });
+    return out;
+}
+
+// With a KV cache (inference, one sequence): the new keys and values k, v [1, G, Nq, hd] are written to the
+// cache at positions pos0 .. pos0+Nq-1, then the Nq queries attend to all pos0 + Nq cached positions (the
+// causal rule with the ends aligned lets query i see cached positions <= pos0 + i). No backward.
+Tensor& cached_attention(Tape& tape, Tensor& q, Tensor& k, Tensor& v, std::vector<float>& cache_keys, std::vector<float>& cache_values,
+                         const int pos0, const int max_T) {
+    const int H = q.shape[1], Nq = q.shape[2], hd = q.shape[3], G = k.shape[1];
+    check(q.shape[0] == 1 && !tape.record, "the KV cache serves one sequence at inference");
+    for (int g = 0; g < G; ++g) {
+        std::copy_n(&k.data[size_t(g) * Nq * hd], size_t(Nq) * hd, &cache_keys[(size_t(g) * max_T + pos0) * hd]);
+        std::copy_n(&v.data[size_t(g) * Nq * hd], size_t(Nq) * hd, &cache_values[(size_t(g) * max_T + pos0) * hd]);
+    }
+    Tensor& out = tape.make(q.shape);
+    Tensor& lse = tape.make({1, H, Nq});
+    attention_forward(out.data, lse.data, q.data, cache_keys, cache_values, H, G, Nq, pos0 + Nq, hd, true, size_t(max_T) * hd);
     return out;
 }
 
@@ -1093,20 +1120,41 @@ void init_model(Model& model, const uint64_t seed) {
     }
 }
 
+// The KV cache (DESIGN.md §5): per layer, the keys and values of every position seen so far, [G, max_T, hd].
+// G, not H: with grouped-query attention the cache is H/G times smaller than one K and V per query head.
+struct KvCache {
+    int length = 0;                                 // positions 0 .. length-1 are filled
+    int max_T = 0;                                  // the model's context
+    std::vector<std::vector<float>> keys, values;   // per layer, [G, max_T, hd]
+};
+
+KvCache make_kv_cache(const ModelConfig& c) {
+    KvCache cache;
+    cache.max_T = c.context;
+    const size_t size = size_t(c.n_kv_heads) * c.context * c.head_dim();
+    cache.keys.assign(c.n_layers, std::vector<float>(size, 0.0f));
+    cache.values.assign(c.n_layers, std::vector<float>(size, 0.0f));
+    return cache;
+}
+
 // tokens: [B*T] -> logits: [B*T, V]. Every step is an op recorded on the tape (when it records), so the
-// same function serves training (with backward) and evaluation and sampling (without).
-Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, const int B, const int T) {
+// same function serves training (with backward), evaluation, and inference with a KV cache: then B = 1, the
+// tokens sit at positions cache.length .. cache.length + T - 1, attend to the cached ones, and are added to it.
+Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, const int B, const int T, KvCache* cache = nullptr) {
     const ModelConfig& c = model.config;
+    const int pos0 = cache ? cache->length : 0;
     check(tokens.size() == size_t(B) * T, "model_forward: expected B*T tokens");
-    check(T <= c.context, "a window of " + std::to_string(T) + " tokens is longer than the model's context " + std::to_string(c.context));
+    check(pos0 + T <= c.context, "positions up to " + std::to_string(pos0 + T) + " do not fit the model's context of " + std::to_string(c.context));
     Tensor* x = &embedding(tape, model.embed, tokens);
-    for (Layer& layer : model.layers) {
+    for (size_t l = 0; l < model.layers.size(); ++l) {
+        Layer& layer = model.layers[l];
         // attention block: x = x + o_proj(attention(rope(q), rope(k), v))
         Tensor& h = rms_norm(tape, *x, layer.attn_norm, c.norm_eps);
-        Tensor& q = rope(tape, heads_split(tape, matmul(tape, h, layer.wq), B, T, c.n_heads), 0, c.rope_theta);
-        Tensor& k = rope(tape, heads_split(tape, matmul(tape, h, layer.wk), B, T, c.n_kv_heads), 0, c.rope_theta);
+        Tensor& q = rope(tape, heads_split(tape, matmul(tape, h, layer.wq), B, T, c.n_heads), pos0, c.rope_theta);
+        Tensor& k = rope(tape, heads_split(tape, matmul(tape, h, layer.wk), B, T, c.n_kv_heads), pos0, c.rope_theta);
         Tensor& v = heads_split(tape, matmul(tape, h, layer.wv), B, T, c.n_kv_heads);
-        Tensor& attended = heads_merge(tape, attention(tape, q, k, v));
+        Tensor& attended = heads_merge(tape, cache ? cached_attention(tape, q, k, v, cache->keys[l], cache->values[l], pos0, cache->max_T)
+                                                   : attention(tape, q, k, v));
         x = &add(tape, *x, matmul(tape, attended, layer.wo));
         // feed-forward block: x = x + down_proj(silu(gate_proj(h)) * up_proj(h))
         Tensor& h2 = rms_norm(tape, *x, layer.ffn_norm, c.norm_eps);
@@ -1114,6 +1162,7 @@ Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, con
         Tensor& hidden = mul(tape, gate, matmul(tape, h2, layer.w_up));
         x = &add(tape, *x, matmul(tape, hidden, layer.w_down));
     }
+    if (cache) cache->length += T;
     Tensor& final = rms_norm(tape, *x, model.final_norm, c.norm_eps);
     return matmul(tape, final, c.tie_embeddings ? model.embed : model.lm_head);
 }
@@ -1518,7 +1567,42 @@ Checkpoint load_checkpoint(const std::string& path) {
     return checkpoint;
 }
 
-// ==== 11. Training ====
+// ==== 11. Inference: prefill and decode with the KV cache ====
+// Generation without a cache re-runs the whole window for every new token: O(T) positions of work per token.
+// With the KV cache (DESIGN.md §5), prefill runs the prompt once, in one batched pass, and stores every
+// position's keys and values; each decode step then runs only the newest token at the next position and
+// attends to the cache, so a token costs one position's worth of matmuls plus attention over the cache.
+// Both use model_forward, the same layer code as training. Positions are absolute (RoPE uses pos0 + t).
+
+struct InferenceState {
+    KvCache cache;
+    std::vector<float> logits;  // [V], the prediction after the last position processed
+    Tape tape;                  // reused from step to step, so decoding does not allocate
+};
+
+InferenceState prefill(Model& model, std::span<const int> prompt) {
+    check(!prompt.empty(), "prefill needs at least one token");
+    InferenceState state{make_kv_cache(model.config), {}, {}};
+    state.tape.record = false;
+    const Tensor& logits = model_forward(state.tape, model, prompt, 1, static_cast<int>(prompt.size()), &state.cache);
+    const int V = model.config.vocab_size;
+    state.logits.assign(logits.data.end() - V, logits.data.end());
+    return state;
+}
+
+void decode_step(Model& model, InferenceState& state, const int token) {
+    state.tape.clear();
+    const int tokens[1] = {token};
+    const Tensor& logits = model_forward(state.tape, model, tokens, 1, 1, &state.cache);
+    state.logits.assign(logits.data.begin(), logits.data.end());
+}
+
+// Bytes of cache one position takes: keys and values, L layers, G heads of hd floats.
+size_t kv_cache_bytes_per_token(const ModelConfig& c) {
+    return 2 * size_t(c.n_layers) * c.n_kv_heads * c.head_dim() * sizeof(float);
+}
+
+// ==== 12. Training ====
 // One step (DESIGN.md §4): B random windows, forward, cross-entropy, backward, clip the global gradient norm
 // to 1, then AdamW with the scheduled learning rate:
 //   lr_s = lr (s+1)/warmup                                                  for s < warmup
@@ -1800,12 +1884,11 @@ std::string loss_plot_svg(const std::vector<LogRow>& rows, const std::string& ti
 }
 
 
-// ==== 12. Sampling ====
+// ==== 13. Sampling ====
 // Next-token choice (DESIGN.md §5): probabilities = softmax(logits / temperature) (temperature 0: argmax), keep
 // the k most probable (top-k), then the smallest set of most probable tokens whose probability sums to at
 // least p (top-p), renormalise and draw. Ties in probability are ordered by the lower token id first.
-// A document starts from [EOT] + prompt and ends when EOT is drawn. This version re-runs the whole window
-// for every new token, which is simple and exact; a KV cache would avoid the recomputation.
+// A document starts from [EOT] + prompt and ends when EOT is drawn; tokens come from prefill and decode (§11).
 
 std::vector<double> token_probabilities(std::span<const float> logits, const float temperature) {
     const double max = *std::max_element(logits.begin(), logits.end());
@@ -1860,34 +1943,36 @@ struct Sample {
     bool reached_context = false;  // stopped because the model's context was full
 };
 
-// Generates one document. Document i of a run uses the seed config.seed + i, so each is reproducible alone.
-Sample generate(Model& model, const Tokenizer& tokenizer, const std::vector<int>& prompt, const SampleConfig& config, Rng& rng) {
-    const int context = model.config.context;
-    std::vector<int> window{tokenizer.eot()};
-    window.insert(window.end(), prompt.begin(), prompt.end());
-    check(int(window.size()) <= context, "the prompt has " + std::to_string(prompt.size()) + " tokens; with EOT it does not fit the context of " +
-                                             std::to_string(context));
+// The state after [EOT] + prompt, from which every document of a run starts.
+InferenceState prefill_prompt(Model& model, const Tokenizer& tokenizer, const std::vector<int>& prompt) {
+    check(int(prompt.size()) + 1 <= model.config.context, "the prompt has " + std::to_string(prompt.size()) +
+                                                              " tokens; with EOT it does not fit the context of " + std::to_string(model.config.context));
+    std::vector<int> tokens{tokenizer.eot()};
+    tokens.insert(tokens.end(), prompt.begin(), prompt.end());
+    return prefill(model, tokens);
+}
+
+// Generates one document from a prefilled prompt. The state is taken by value: one prefill serves every
+// document of a run (prefix sharing), each starting from its own copy of the prompt's cache. on_token is
+// called with each new token as it is produced (streaming).
+Sample generate(Model& model, const Tokenizer& tokenizer, const std::vector<int>& prompt, InferenceState state, const SampleConfig& config,
+                Rng& rng, const std::function<void(int)>& on_token = {}) {
     Sample sample{prompt, false};
-    Tape tape;
-    tape.record = false;
     for (int generated = 0; config.max_tokens == 0 || generated < config.max_tokens; ++generated) {
-        if (int(window.size()) > context) {
-            sample.reached_context = true;
+        const int token = sample_token(state.logits, config, rng);
+        if (token == tokenizer.eot()) break;
+        sample.tokens.push_back(token);
+        if (on_token) on_token(token);
+        if (state.cache.length == model.config.context) {  // no position left to read this token at
+            sample.reached_context = !(config.max_tokens > 0 && generated + 1 == config.max_tokens);
             break;
         }
-        tape.clear();
-        const int T = static_cast<int>(window.size());
-        const Tensor& logits = model_forward(tape, model, window, 1, T);
-        const int V = model.config.vocab_size;
-        const int token = sample_token(std::span<const float>(logits.data).subspan(size_t(T - 1) * V, V), config, rng);
-        if (token == tokenizer.eot()) break;
-        window.push_back(token);
-        sample.tokens.push_back(token);
+        decode_step(model, state, token);
     }
     return sample;
 }
 
-// ==== 13. Benchmarks ====
+// ==== 14. Benchmarks ====
 // ./gpt bench measures what the README reports: matmul GFLOP/s (square sizes, one thread and all threads),
 // training step time and tokens/s for three model sizes, and sampling tokens/s. Each timing repeats the work
 // until at least min_bench_seconds have passed and reports the mean over those repeats.
@@ -1960,25 +2045,43 @@ std::vector<BenchRow> run_benchmarks(const int max_threads) {
         rows.push_back({"train step, " + label, "ms", seconds * 1e3});
         rows.push_back({"train tokens/s, " + label, "tokens/s", double(bench.batch) * bench.config.context / seconds});
     }
+    // Inference on the medium model: prefill, and decode with and without the KV cache. Without the cache
+    // every token runs the whole sequence so far; with it, only the new position. Timed per generated token
+    // for sequences of 16, 64 and 128 tokens (the context), feeding back the greedy choice.
     {
-        Model model = make_model(bench_models()[1].config);
+        const ModelConfig config = bench_models()[2].config;
+        Model model = make_model(config);
         init_model(model, 1);
-        std::vector<char32_t> letters;
-        for (char32_t c = 'a'; c < char32_t('a' + model.config.vocab_size - 1); ++c) letters.push_back(c);
-        const Tokenizer tokenizer = make_char_tokenizer(letters);
-        // Generated tokens (EOT not counted) per second of wall time, over at least min_bench_seconds.
-        const SampleConfig config;
-        Rng sample_rng(7);
-        size_t tokens = 0;
-        Timer timer;
-        while (timer.seconds() < min_bench_seconds) tokens += generate(model, tokenizer, {}, config, sample_rng).tokens.size();
-        rows.push_back({"sampling, small (full forward per token), " + std::to_string(max_threads) + " thread" + (max_threads > 1 ? "s" : ""),
-                        "tokens/s", double(tokens) / timer.seconds()});
+        std::vector<int> prompt(config.context);
+        for (int& token : prompt) token = static_cast<int>(rng.below(config.vocab_size));
+        const double prefill_seconds = seconds_per_run([&] { prefill(model, prompt); });
+        rows.push_back({"prefill, medium, " + std::to_string(config.context) + " tokens", "tokens/s", config.context / prefill_seconds});
+        const auto greedy = [](const std::vector<float>& logits) { return int(std::max_element(logits.begin(), logits.end()) - logits.begin()); };
+        for (const int length : {16, 64, config.context}) {
+            const double cached = seconds_per_run([&] {
+                InferenceState state = prefill(model, std::span<const int>(prompt).first(1));
+                while (state.cache.length < length) decode_step(model, state, greedy(state.logits));
+            });
+            const double uncached = seconds_per_run([&] {
+                std::vector<int> sequence{prompt[0]};
+                Tape tape;
+                tape.record = false;
+                while (int(sequence.size()) < length) {
+                    tape.clear();
+                    const Tensor& logits = model_forward(tape, model, sequence, 1, static_cast<int>(sequence.size()));
+                    const std::vector<float> last(logits.data.end() - config.vocab_size, logits.data.end());
+                    sequence.push_back(greedy(last));
+                }
+            });
+            rows.push_back({"decode, medium, " + std::to_string(length) + " tokens, KV cache", "ms/token", cached / (length - 1) * 1e3});
+            rows.push_back({"decode, medium, " + std::to_string(length) + " tokens, no cache", "ms/token", uncached / (length - 1) * 1e3});
+        }
+        rows.push_back({"KV cache, medium (2 L G hd 4)", "bytes/token", double(kv_cache_bytes_per_token(config))});
     }
     return rows;
 }
 
-// ==== 14. Command line ====
+// ==== 15. Command line ====
 // ./gpt [train|eval|sample|bench] [flags]. Each command lists its flags with their defaults in one table,
 // which both the parser and --help read. Bad flags print the usage and exit 2; other errors print
 // "error: ..." and exit 1.
@@ -2315,16 +2418,28 @@ void cmd_sample(const Flags& flags) {
     } catch (const Error& e) {
         throw Error(std::string("--prompt: ") + e.what());
     }
+    // Prefix sharing: the prompt is prefilled once; every document starts from a copy of that state.
+    Timer timer;
+    const InferenceState prompt_state = prefill_prompt(checkpoint.model, checkpoint.tokenizer, prompt);
     int reached_context = 0;
+    size_t generated = 0;
     for (int i = 0; i < config.count; ++i) {
         Rng rng(config.seed + uint64_t(i));
-        const Sample sample = generate(checkpoint.model, checkpoint.tokenizer, prompt, config, rng);
-        std::printf("%s\n", decode(checkpoint.tokenizer, sample.tokens).c_str());
+        std::printf("%s", config.prompt.c_str());
+        const Sample sample = generate(checkpoint.model, checkpoint.tokenizer, prompt, prompt_state, config, rng, [&](const int token) {
+            std::printf("%s", decode(checkpoint.tokenizer, std::span<const int>(&token, 1)).c_str());  // streaming
+            std::fflush(stdout);
+        });
+        std::printf("\n");
+        std::fflush(stdout);
         reached_context += sample.reached_context;
+        generated += sample.tokens.size() - prompt.size();
     }
     if (reached_context > 0)
         std::fprintf(stderr, "note: %d of %d documents stopped at the model's context of %d tokens, before EOT\n", reached_context,
                      config.count, checkpoint.model.config.context);
+    std::fprintf(stderr, "%zu tokens in %.2f s (%.0f tokens/s); KV cache %zu bytes per token\n", generated, timer.seconds(),
+                 generated / std::max(timer.seconds(), 1e-9), kv_cache_bytes_per_token(checkpoint.model.config));
 }
 
 void cmd_bench(const Flags& flags) {

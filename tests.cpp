@@ -556,8 +556,68 @@ TEST_SUITE("10. Checkpoint") {
     }
 }
 
-// ==== 11. Training ====
-TEST_SUITE("11. Training") {
+// ==== 11. Inference ====
+TEST_SUITE("11. Inference") {
+    TEST_CASE("prefill + decode gives the logits of one full forward, at every position") {
+        // Models: G = H and G < H, tied and untied, with weights large enough that attention is far from uniform.
+        // The cached path computes the same sums in the same order as the full forward except that each row's
+        // keys arrive through the cache, so agreement is to float rounding: 1e-4 on logits of size ~1-10.
+        for (const auto& [kv_heads, tie] : {std::pair{4, false}, {2, true}, {1, false}}) {
+            ModelConfig c = tiny_config(9);
+            c.n_kv_heads = kv_heads, c.tie_embeddings = tie, c.context = 12;
+            Model model = make_model(c);
+            init_model(model, 11);
+            for (const Parameter& p : model_parameters(model))
+                for (float& x : p.tensor->data) x *= p.is_matrix ? 10.0f : 1.0f;
+            Rng rng(12);
+            std::vector<int> tokens(12);
+            for (int& t : tokens) t = static_cast<int>(rng.below(9));
+            Tape tape;
+            tape.record = false;
+            const std::vector<float> full = model_forward(tape, model, tokens, 1, 12).data;
+            for (const int prompt_length : {1, 2, 7, 12}) {
+                INFO("G ", kv_heads, " tied ", tie, " prompt ", prompt_length);
+                InferenceState state = prefill(model, std::span<const int>(tokens).first(prompt_length));
+                const auto compare = [&](int position) {
+                    for (int v = 0; v < 9; ++v) CHECK(std::abs(state.logits[v] - full[position * 9 + v]) <= 1e-4f * (1.0f + std::abs(full[position * 9 + v])));
+                };
+                compare(prompt_length - 1);
+                for (int position = prompt_length; position < 12; ++position) {
+                    decode_step(model, state, tokens[position]);
+                    compare(position);
+                }
+                CHECK(state.cache.length == 12);
+                CHECK_THROWS_WITH_AS(decode_step(model, state, 0), doctest::Contains("do not fit"), Error);
+            }
+        }
+    }
+    TEST_CASE("prefix sharing gives exactly the samples of prefilling each document alone") {
+        ModelConfig c = tiny_config(6);
+        Model model = make_model(c);
+        init_model(model, 13);
+        for (const Parameter& p : model_parameters(model))
+            for (float& x : p.tensor->data) x *= p.is_matrix ? 10.0f : 1.0f;
+        const Tokenizer tokenizer = make_char_tokenizer({U'a', U'b', U'c', U'd', U'e'});
+        const std::vector<int> prompt = encode(tokenizer, "ab");
+        const InferenceState shared = prefill_prompt(model, tokenizer, prompt);
+        const SampleConfig config;
+        for (uint64_t seed = 0; seed < 10; ++seed) {
+            Rng a(seed), b(seed);
+            CHECK(generate(model, tokenizer, prompt, shared, config, a).tokens ==
+                  generate(model, tokenizer, prompt, prefill_prompt(model, tokenizer, prompt), config, b).tokens);
+        }
+    }
+    TEST_CASE("the KV cache holds G heads: 2 L G hd 4 bytes per token") {
+        ModelConfig c = tiny_config();  // L2 D16 H4 G2: hd 4
+        CHECK(kv_cache_bytes_per_token(c) == 2 * 2 * 2 * 4 * 4);
+        const KvCache cache = make_kv_cache(c);
+        CHECK(cache.keys.size() == 2);
+        CHECK(cache.keys[0].size() == size_t(2) * 8 * 4);
+    }
+}
+
+// ==== 12. Training ====
+TEST_SUITE("12. Training") {
     TEST_CASE("learning-rate schedule: warm-up, then cosine from lr to 0.1 lr") {
         CHECK(learning_rate(0, 100, 1.0f, 10) == doctest::Approx(0.1));
         CHECK(learning_rate(9, 100, 1.0f, 10) == doctest::Approx(1.0));
@@ -630,8 +690,8 @@ TEST_SUITE("11. Training") {
     }
 }
 
-// ==== 12. Sampling ====
-TEST_SUITE("12. Sampling") {
+// ==== 13. Sampling ====
+TEST_SUITE("13. Sampling") {
     TEST_CASE("temperature 0 is greedy") {
         const std::vector<float> logits{0.1f, 2.0f, -1.0f, 1.9f};
         SampleConfig config;
@@ -683,8 +743,8 @@ TEST_SUITE("12. Sampling") {
     }
 }
 
-// ==== 14. Command line ====
-TEST_SUITE("14. Command line") {
+// ==== 15. Command line ====
+TEST_SUITE("15. Command line") {
     TEST_CASE("resume: N steps, then N more, equals 2N steps in one go, bit for bit; threads do not matter") {
         TempDir dir;
         write_file(dir.file("d.txt"), small_corpus(300));
@@ -721,21 +781,26 @@ TEST_SUITE("14. Command line") {
         REQUIRE(run_cli({"train", "--data", dir.file("d.txt"), "--out", dir.file("m.safetensors"), "--steps", "30", "--batch", "4", "--ctx", "8",
                          "--layers", "1", "--dim", "16", "--heads", "2", "--kv-heads", "1", "--ffn", "32", "--threads", "1"}) == 0);
         Checkpoint checkpoint = load_checkpoint(dir.file("m.safetensors"));
+        Model& model = checkpoint.model;
+        const Tokenizer& tokenizer = checkpoint.tokenizer;
+        const InferenceState empty = prefill_prompt(model, tokenizer, {});
         SampleConfig config;
         Rng a(5), b(5);
-        CHECK(generate(checkpoint.model, checkpoint.tokenizer, {}, config, a).tokens ==
-              generate(checkpoint.model, checkpoint.tokenizer, {}, config, b).tokens);
+        CHECK(generate(model, tokenizer, {}, empty, config, a).tokens == generate(model, tokenizer, {}, empty, config, b).tokens);
         config.max_tokens = 3;
-        const std::vector<int> prompt = encode(checkpoint.tokenizer, "ab");
-        const Sample sample = generate(checkpoint.model, checkpoint.tokenizer, prompt, config, a);
+        const std::vector<int> prompt = encode(tokenizer, "ab");
+        const Sample sample = generate(model, tokenizer, prompt, prefill_prompt(model, tokenizer, prompt), config, a);
         CHECK(sample.tokens.size() <= 5);
         CHECK(std::equal(prompt.begin(), prompt.end(), sample.tokens.begin()));
         config = SampleConfig(), config.temperature = 0.0f;
-        CHECK(generate(checkpoint.model, checkpoint.tokenizer, {}, config, a).tokens ==
-              generate(checkpoint.model, checkpoint.tokenizer, {}, config, b).tokens);
+        CHECK(generate(model, tokenizer, {}, empty, config, a).tokens == generate(model, tokenizer, {}, empty, config, b).tokens);
         // A prompt that fills the context, and characters outside the vocabulary, are errors.
-        CHECK_THROWS_WITH_AS(generate(checkpoint.model, checkpoint.tokenizer, std::vector<int>(8, 0), config, a), doctest::Contains("does not fit"), Error);
+        CHECK_THROWS_WITH_AS(prefill_prompt(model, tokenizer, std::vector<int>(8, 0)), doctest::Contains("does not fit"), Error);
         CHECK_THROWS_WITH_AS(run_cli({"sample", "--model", dir.file("m.safetensors"), "--prompt", "a!"}), doctest::Contains("--prompt"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"sample", "--model", dir.file("m.safetensors"), "--prompt", "abababab"}), doctest::Contains("does not fit"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"sample", "--model", dir.file("m.safetensors"), "--top-k", "-1"}), doctest::Contains("--top-k"), Error);
+        CHECK_THROWS_WITH_AS(run_cli({"sample", "--model", dir.file("m.safetensors"), "--temperature", "-1"}), doctest::Contains("--temperature"), Error);
+        CHECK(run_cli({"sample", "--model", dir.file("m.safetensors"), "--n", "3", "--prompt", "ab", "--max-tokens", "2"}) == 0);
     }
     TEST_CASE("a NaN loss stops training with the step number and keeps the last good checkpoint") {
         TempDir dir;
