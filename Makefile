@@ -10,7 +10,8 @@ CXXFLAGS += $(if $(shell $(CXX) -march=native -dM -E - </dev/null | grep -q __AV
 CXXFLAGS += $(if $(shell $(CXX) --version | grep -q ' 12\.' && echo gcc12),-Wno-restrict,)
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_ARCH ?= sm_90
-NVCCFLAGS ?= -O3 -std=c++20 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra
+NVCCFLAGS ?= -O3 -std=c++20 -arch=$(CUDA_ARCH) -Xcompiler -Wall,-Wextra$(if $(filter -Wno-restrict,$(CXXFLAGS)),$(comma)-Wno-restrict,)
+comma := ,
 DOCTEST_HEADER := $(firstword $(wildcard /usr/include/doctest/doctest.h /usr/local/include/doctest/doctest.h))
 CUDA_TARGETS := $(if $(and $(NVCC),$(wildcard gpt_cuda.cu)),gpt_cuda,)
 

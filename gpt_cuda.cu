@@ -1,0 +1,1981 @@
+// gpt_cuda.cu: attention on the GPU, one idea at a time. A course in CUDA that starts from an element-wise
+// kernel and ends with a fused, causal, grouped-query flash-attention kernel. Every stage is checked against the
+// CPU attention of gpt.cpp (included below, so there is exactly one reference) and timed. DESIGN.md §7 has the
+// recurrences, the layouts, the flop count and the tolerance rule.
+//
+// Build and run:   nvcc -O3 -std=c++20 -arch=sm_90 gpt_cuda.cu -lcublas -o gpt_cuda     (or: make)
+//                  ./gpt_cuda run --stage 5 --batch 4 --heads 16 --n 4096 --d 64 --causal
+//                  ./gpt_cuda bench            (writes out/cuda_bench.md and out/cuda_bench.svg)
+//                  ./gpt_cuda --help
+//
+// Notation (DESIGN.md §7): B sequences, H query heads, G key/value heads (G divides H; query head h reads
+// K/V head h / (H/G)), Nq query rows, Nk keys, hd head size. Q, O [B, H, Nq, hd]; K, V [B, G, Nk, hd];
+// LSE [B, H, Nq]; row-major fp32. Causal with Nq != Nk aligns the ends: query i sees keys j <= i + Nk - Nq.
+//
+// The course map. Read the sections in this order; each one says what it changes and why that is faster.
+//   stage  kernel(s)                         idea
+//   0a     s0a_scale                         element-wise: one thread per element, grid-stride loop
+//   0b     s0b_row_sum                       block reduction: shared-memory tree, then warp shuffles
+//   0c     s0c_softmax_rows                  row softmax: max, sum of exponentials, normalise (three passes)
+//   1a     s1a_matmul_naive                  matmul, one thread per output element
+//   1b     s1b_matmul_smem_tiled             matmul, 32 x 32 tiles staged in shared memory
+//   1c     s1c_matmul_register_tiled         matmul, each thread computes an 8 x 8 tile in registers
+//   1d     s1d_matmul_qk_transposed          S = Q K^T: the same kernel reading its second operand transposed
+//   2      s2_attention_naive                S = scale Q K^T in global memory, masked row softmax, O = P V
+//   3a     s3a_softmax_online                one-pass (online) softmax
+//   3b     s3b_attention_streaming           attention that streams over keys: the N x N matrix is never stored
+//   4      s4_attention_flash1               tiles in shared memory, FlashAttention-1 loop order (O in global memory)
+//   5      s5_attention_flash2               fused FlashAttention-2: a block owns its rows, state in registers
+//   6      s6_attention_flash_causal         causal tile skipping, masking only diagonal tiles, longest blocks first
+//
+// Measured on an NVIDIA H100 80GB HBM3, 2026-11-23, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full
+// table, causal and not, is in each stage's banner and in out/cuda_bench.md). fp32 peak 66.9 TFLOP/s, DRAM 3352 GB/s.
+//   stage  workload                        ms       TFLOP/s   GB/s   x over the previous stage of its kind
+//   0a     x [98304, 1024]                 0.321     0.31     2506
+//   0b     x [98304, 1024]                 0.142     0.71     2830
+//   0c     x [98304, 1024]                 0.392     1.3      2053
+//   3a     x [98304, 1024]                 0.550     0.92     1465   0.71 (vs 0c; see stage 3)
+//   cuBLAS 4096^3                          2.660    51.7
+//   1a     4096^3                         24.551     5.6
+//   1b     4096^3                         15.414     8.9             1.59
+//   1c     4096^3                          3.377    40.7             4.57   (79% of cuBLAS)
+//   1d     4096^3, B transposed            3.367    40.8
+//   2      B4 H16 N4096 d64               14.589    18.8
+//   3b     B4 H16 N4096 d64               46.021     6.0             0.32   (see stage 3)
+//   4      B4 H16 N4096 d64               12.695    21.7             3.63
+//   5      B4 H16 N4096 d64                7.268    37.8             1.75
+//   6      B4 H16 N4096 d64                7.425    37.0             0.98   (non-causal: the same work as 5)
+//   5      B4 H16 N4096 d64 causal         7.363    18.7
+//   6      B4 H16 N4096 d64 causal         4.152    33.1             1.77
+//   5      B2 H16 N8192 d128              27.282    40.3             2.02
+//   6      B2 H16 N8192 d128 causal       14.223    38.7             1.92   (vs 5 causal, 27.238 ms)
+//
+// Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | runner | bench | CLI.
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cinttypes>
+#include <ctime>
+#include <type_traits>
+
+// gpt.cpp is the CPU reference. Its main is compiled out; ours is compiled out too when the includer (tests.cpp)
+// defined GPT_NO_MAIN before including this file.
+#ifdef GPT_NO_MAIN
+#include "gpt.cpp"
+#else
+#define GPT_NO_MAIN
+#include "gpt.cpp"
+#undef GPT_NO_MAIN
+#endif
+
+// ==== Utilities ====
+// Every CUDA call goes through CUDA_CHECK, every launch through launch(), and every device allocation through
+// DeviceBuffer. Errors become gpt.cpp's Error, so the CLI prints them and the tests report them.
+
+#define CUDA_CHECK(call) cuda_check((call), #call, __FILE__, __LINE__)
+
+void cuda_check(const cudaError_t status, const char* call, const char* file, const int line) {
+    if (status == cudaSuccess) return;
+    throw Error(std::string("cuda: ") + call + " failed at " + file + ":" + std::to_string(line) + ": " +
+                cudaGetErrorString(status));
+}
+
+__host__ __device__ constexpr int64_t ceil_div(const int64_t a, const int64_t b) { return (a + b - 1) / b; }
+
+bool cuda_device_available() {
+    int count = 0;
+    return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+// One owner for each device allocation: move-only, freed in the destructor.
+template <typename T>
+struct DeviceBuffer {
+    T* data = nullptr;
+    size_t count = 0;
+
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(const size_t n) : count(n) {
+        if (n == 0) return;
+        const cudaError_t status = cudaMalloc(&data, n * sizeof(T));
+        if (status != cudaSuccess) {
+            data = nullptr;
+            cudaGetLastError();  // clear the sticky allocation error so later calls are not blamed for it
+            throw Error("cuda: cannot allocate " + std::to_string(double(n * sizeof(T)) / (1 << 30)) +
+                        " GiB of device memory: " + cudaGetErrorString(status));
+        }
+    }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    DeviceBuffer(DeviceBuffer&& other) noexcept
+        : data(std::exchange(other.data, nullptr)), count(std::exchange(other.count, 0)) {}
+    DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+        if (this != &other) {
+            if (data) cudaFree(data);
+            data = std::exchange(other.data, nullptr);
+            count = std::exchange(other.count, 0);
+        }
+        return *this;
+    }
+    ~DeviceBuffer() {
+        if (data) cudaFree(data);
+    }
+
+    void upload(std::span<const T> host) {
+        check(host.size() == count,
+              "device buffer: upload of " + std::to_string(host.size()) + " values into " + std::to_string(count));
+        CUDA_CHECK(cudaMemcpy(data, host.data(), count * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    void download(std::span<T> host) const {
+        check(host.size() == count,
+              "device buffer: download of " + std::to_string(count) + " values into " + std::to_string(host.size()));
+        CUDA_CHECK(cudaMemcpy(host.data(), data, count * sizeof(T), cudaMemcpyDeviceToHost));
+    }
+    // All bits set is a NaN in every float: an output element that a kernel forgets to write fails the check.
+    void poison() { CUDA_CHECK(cudaMemset(data, 0xff, count * sizeof(T))); }
+};
+
+// Grows a scratch buffer to at least n elements (kept between calls, so timed runs do not allocate).
+void reserve(DeviceBuffer<float>& buffer, const size_t n) {
+    if (buffer.count < n) buffer = DeviceBuffer<float>(n);
+}
+
+// The one launch helper: checks the grid against the hardware limits, raises the dynamic shared-memory limit when a
+// kernel needs more than the default 48 KB, launches, and checks the launch.
+template <typename... KernelArgs, typename... Args>
+void launch(const char* name, void (*kernel)(KernelArgs...), const dim3 grid, const dim3 block,
+            const size_t smem_bytes, Args&&... args) {
+    check(grid.y <= 65535 && grid.z <= 65535, std::string(name) + ": grid " + std::to_string(grid.y) + " x " +
+                                                  std::to_string(grid.z) + " exceeds 65535 in y or z");
+    if (smem_bytes > 48 * 1024)
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
+    kernel<<<grid, block, smem_bytes>>>(std::forward<Args>(args)...);
+    const cudaError_t status = cudaGetLastError();
+    check(status == cudaSuccess, std::string(name) + ": launch failed: " + cudaGetErrorString(status));
+}
+
+// True when p may be read as float4 (16-byte aligned) and every row of `row_length` floats starts aligned too.
+bool float4_ok(const void* p, const int64_t row_length) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_length % 4 == 0;
+}
+
+// Kernels that keep a head's row in registers are compiled for the head sizes 32, 64, 80 and 128;
+// body(std::integral_constant<int, HD>) is called with the one that matches.
+template <typename Body>
+void dispatch_head_size(const char* stage, const int hd, const Body& body) {
+    switch (hd) {
+        case 32: body(std::integral_constant<int, 32>{}); return;
+        case 64: body(std::integral_constant<int, 64>{}); return;
+        case 80: body(std::integral_constant<int, 80>{}); return;
+        case 128: body(std::integral_constant<int, 128>{}); return;
+        default:
+            throw Error(std::string("stage ") + stage + ": head size " + std::to_string(hd) +
+                        " is not supported (compiled for 32, 64, 80, 128)");
+    }
+}
+
+// Warp-level reductions: each step adds (or maxes) the value held by the lane `offset` away, so after
+// log2(32) = 5 steps every lane holds the result for the whole warp. No shared memory, no __syncthreads.
+__device__ float warp_sum(float value) {
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}
+__device__ float warp_max(float value) {
+    for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    return value;
+}
+
+// The shapes of one attention call: Q, O [B, H, Nq, hd]; K, V [B, G, Nk, hd]; LSE [B, H, Nq].
+struct AttentionShape {
+    int B = 1, H = 1, G = 1, Nq = 1, Nk = 1, hd = 64;
+    bool causal = false;
+};
+
+void check_attention_shape(const char* stage, const AttentionShape& s) {
+    const std::string where = std::string("stage ") + stage + ": ";
+    check(s.B >= 1 && s.H >= 1 && s.G >= 1 && s.Nq >= 1 && s.Nk >= 1 && s.hd >= 1,
+          where + "every size must be at least 1");
+    check(s.H % s.G == 0, where + "kv heads " + std::to_string(s.G) + " must divide heads " + std::to_string(s.H));
+    check(int64_t(s.B) * s.H <= 65535, where + "B * H = " + std::to_string(int64_t(s.B) * s.H) + " exceeds 65535");
+}
+
+// ==== Stage 0: CUDA warm-up ====
+// Stage 0: three memory-bound kernels that are the pieces of naive attention: scale the scores, reduce a row, softmax
+// a row. They introduce the grid of blocks of threads, coalesced access, shared memory, __syncthreads and warp
+// shuffles. Each thread does almost no arithmetic, so the speed limit is DRAM bandwidth: the GB/s column says how
+// close each one gets. Measured (H100, x [98304, 1024] = the scores of B8 H12 N1024, 2026-11-23, ./gpt_cuda bench):
+// 0a 0.321 ms, 2506 GB/s (75% of DRAM peak); 0b 0.142 ms, 2830 GB/s (84%); 0c 0.392 ms, 2053 GB/s (61%).
+
+// ---- 0a. Element-wise ----
+// out[i] = scale * x[i]   for i < count. One thread per element; consecutive threads touch consecutive floats, so
+// a warp reads 128 contiguous bytes in one transaction (coalesced). A grid-stride loop lets any grid size cover any
+// count.
+__global__ void s0a_scale_kernel(float* out, const float* x, const float scale, const int64_t count) {
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) out[i] = scale * x[i];
+}
+
+void s0a_scale(float* out, const float* x, const float scale, const int64_t count) {
+    constexpr int threads = 256;
+    const int blocks = int(std::min<int64_t>(ceil_div(count, threads), 65536));
+    launch("s0a_scale", s0a_scale_kernel, dim3(blocks), dim3(threads), 0, out, x, scale, count);
+}
+
+// ---- 0b. Block reduction ----
+// out[r] = sum_c x[r, c]   x: [rows, cols] -> out: [rows]. One block per row. Each thread first sums a strided
+// slice of the row (coalesced), then the block combines its partial sums: a shared-memory tree halves the number of
+// active threads each step until one warp is left, and that warp finishes with shuffles (no barriers needed inside a
+// warp).
+template <int THREADS>
+__global__ void s0b_row_sum_kernel(float* out, const float* x, const int cols) {
+    static_assert(THREADS >= 64 && (THREADS & (THREADS - 1)) == 0,
+                  "the tree halves a power-of-two block down to one warp");
+    __shared__ float partial[THREADS];
+    const float* row = x + int64_t(blockIdx.x) * cols;
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += THREADS) sum += row[c];
+    partial[threadIdx.x] = sum;
+    __syncthreads();  // every partial sum is in shared memory before any thread reads another's
+    for (int stride = THREADS / 2; stride >= 32; stride /= 2) {
+        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+        __syncthreads();  // this level of the tree is complete before the next level reads it
+    }
+    if (threadIdx.x < 32) {
+        const float total = warp_sum(partial[threadIdx.x]);
+        if (threadIdx.x == 0) out[blockIdx.x] = total;
+    }
+}
+
+void s0b_row_sum(float* out, const float* x, const int rows, const int cols) {
+    constexpr int threads = 256;
+    launch("s0b_row_sum", s0b_row_sum_kernel<threads>, dim3(rows), dim3(threads), 0, out, x, cols);
+}
+
+// Block-wide reductions used from here on: shuffle inside each warp, pass one value per warp through shared memory,
+// shuffle again. Every thread of the block gets the result. `scratch` holds 32 floats.
+__device__ float block_sum(float value, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    value = warp_sum(value);
+    if (lane == 0) scratch[warp] = value;
+    __syncthreads();  // every warp's sum is in scratch
+    value = warp_sum(lane < warps ? scratch[lane] : 0.0f);
+    __syncthreads();  // everyone has read scratch before the next reduction overwrites it
+    return value;
+}
+__device__ float block_max(float value, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    value = warp_max(value);
+    if (lane == 0) scratch[warp] = value;
+    __syncthreads();  // every warp's max is in scratch
+    value = warp_max(lane < warps ? scratch[lane] : -INFINITY);
+    __syncthreads();  // everyone has read scratch before the next reduction overwrites it
+    return value;
+}
+
+// ---- 0c. Row softmax ----
+// out[r, :] = softmax(x[r, :]) = e^(x - m) / sum e^(x - m), m = max of the row (subtracting m keeps e^x from
+// overflowing when scores are large). One block per row, three passes over the row: max, sum, normalise.
+__global__ void s0c_softmax_rows_kernel(float* out, const float* x, const int cols) {
+    __shared__ float scratch[32];
+    const float* row = x + int64_t(blockIdx.x) * cols;
+    float* out_row = out + int64_t(blockIdx.x) * cols;
+    float m = -INFINITY;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
+    m = block_max(m, scratch);
+    float l = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) l += expf(row[c] - m);
+    l = block_sum(l, scratch);
+    const float inv_l = 1.0f / l;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out_row[c] = expf(row[c] - m) * inv_l;
+}
+
+void s0c_softmax_rows(float* out, const float* x, const int rows, const int cols) {
+    launch("s0c_softmax_rows", s0c_softmax_rows_kernel, dim3(rows), dim3(256), 0, out, x, cols);
+}
+
+// ==== Stage 1: matrix operations ====
+// Stage 1: C = alpha * A @ B, the two products inside attention (S = Q K^T and O = P V). Changes from stage 0: every
+// output needs K multiply-adds, so arithmetic, not bandwidth, becomes the limit, provided each value loaded from
+// memory is reused many times. The three versions raise that reuse: 1a reuses nothing (2 loads per FMA), 1b reuses each
+// loaded value 32 times through shared memory, 1c also keeps an 8 x 8 tile of C in registers (8 FMAs per shared-memory
+// load). cuBLAS SGEMM is the yardstick in the bench. Measured (H100, M = N = K = 4096, 2026-11-23, ./gpt_cuda bench):
+// 1a 24.6 ms, 5.6 TFLOP/s; 1b 15.4 ms, 8.9 TFLOP/s (1.59x); 1c 3.38 ms, 40.7 TFLOP/s (4.57x, 79% of cuBLAS SGEMM's
+// 2.66 ms, 51.7 TFLOP/s); 1d 3.37 ms, 40.8 TFLOP/s.
+//
+// Shapes: A [M, K], B [K, N] (1d: B [N, K], read transposed), C [M, N]. `batch` independent products; product z reads
+// A + z*stride_a, B + (z / b_group)*stride_b and writes C + z*stride_c, so H query heads can share G K/V heads.
+struct MatmulShape {
+    int M = 1, N = 1, K = 1;
+    int batch = 1, b_group = 1;
+    int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+    float alpha = 1.0f;
+};
+
+void check_matmul_shape(const char* stage, const MatmulShape& s) {
+    check(s.M >= 1 && s.N >= 1 && s.K >= 1 && s.batch >= 1 && s.b_group >= 1,
+          std::string("stage ") + stage + ": every matmul size must be at least 1");
+    check(s.batch <= 65535, std::string("stage ") + stage + ": batch " + std::to_string(s.batch) + " exceeds 65535");
+}
+
+// ---- 1a. Naive ----
+// Thread (row, col) computes one C element: a dot product of a row of A and a column of B, both read from global
+// memory. Threads of a warp take consecutive columns, so B and C accesses coalesce and A's element is a broadcast.
+__global__ void s1a_matmul_naive_kernel(float* c, const float* a, const float* b, const MatmulShape s) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x, row = blockIdx.y * blockDim.y + threadIdx.y,
+              z = blockIdx.z;
+    if (row >= s.M || col >= s.N) return;
+    const float* a_row = a + z * s.stride_a + int64_t(row) * s.K;
+    const float* b_col = b + (z / s.b_group) * s.stride_b + col;
+    float sum = 0.0f;
+    for (int k = 0; k < s.K; ++k) sum += a_row[k] * b_col[int64_t(k) * s.N];
+    c[z * s.stride_c + int64_t(row) * s.N + col] = s.alpha * sum;
+}
+
+void s1a_matmul_naive(float* c, const float* a, const float* b, const MatmulShape& s) {
+    check_matmul_shape("1a", s);
+    const dim3 block(32, 8);
+    launch("s1a_matmul_naive", s1a_matmul_naive_kernel, dim3(ceil_div(s.N, 32), ceil_div(s.M, 8), s.batch), block, 0,
+           c, a, b, s);
+}
+
+// ---- 1b. Shared-memory tiling ----
+// A block of TILE x TILE threads owns a TILE x TILE tile of C. It walks along K one tile at a time: each thread loads
+// one element of A's tile and one of B's into shared memory, then all threads read the tiles from there. Every value
+// loaded from global memory is now used TILE times. Out-of-range elements load as 0, so any M, N, K works.
+template <int TILE>
+__global__ void s1b_matmul_smem_tiled_kernel(float* c, const float* a, const float* b, const MatmulShape s) {
+    __shared__ float a_tile[TILE][TILE];
+    __shared__ float b_tile[TILE][TILE];
+    const int tx = threadIdx.x, ty = threadIdx.y, z = blockIdx.z;
+    const int row = blockIdx.y * TILE + ty, col = blockIdx.x * TILE + tx;
+    const float* a_mat = a + z * s.stride_a;
+    const float* b_mat = b + (z / s.b_group) * s.stride_b;
+    float sum = 0.0f;
+    for (int k0 = 0; k0 < s.K; k0 += TILE) {
+        a_tile[ty][tx] = (row < s.M && k0 + tx < s.K) ? a_mat[int64_t(row) * s.K + k0 + tx] : 0.0f;
+        b_tile[ty][tx] = (k0 + ty < s.K && col < s.N) ? b_mat[int64_t(k0 + ty) * s.N + col] : 0.0f;
+        __syncthreads();  // both tiles are complete before anyone reads them
+        for (int k = 0; k < TILE; ++k) sum += a_tile[ty][k] * b_tile[k][tx];
+        __syncthreads();  // everyone is done with the tiles before the next iteration overwrites them
+    }
+    if (row < s.M && col < s.N) c[z * s.stride_c + int64_t(row) * s.N + col] = s.alpha * sum;
+}
+
+void s1b_matmul_smem_tiled(float* c, const float* a, const float* b, const MatmulShape& s) {
+    check_matmul_shape("1b", s);
+    constexpr int tile = 32;
+    launch("s1b_matmul_smem_tiled", s1b_matmul_smem_tiled_kernel<tile>,
+           dim3(ceil_div(s.N, tile), ceil_div(s.M, tile), s.batch), dim3(tile, tile), 0, c, a, b, s);
+}
+
+// ---- 1c. Register tiling ----
+// A block of 256 threads owns a BM x BN = 128 x 128 tile of C; thread (ty, tx) of a 16 x 16 grid owns 8 rows x 8 columns
+// of it, as two 4-row halves BM/2 apart and two 4-column halves BN/2 apart (so its shared-memory reads are float4 and
+// a warp's reads do not collide in the same bank). Per step k it loads 8 values of A and 8 of B from shared memory and
+// does 64 FMAs on registers. A's tile is stored transposed (a_tile[k][m]) so the 8 values of a column are contiguous.
+// Double buffering: the next K-tile is fetched from global memory into registers while this one is multiplied, and
+// stored into the other shared buffer, so one __syncthreads per K-tile suffices.
+
+// Four consecutive floats m[row, col..col+3] of a [rows, cols] row-major matrix; zeros outside it.
+__device__ float4 load4_or_zero(const float* m, const int row, const int col, const int rows, const int cols,
+                                const bool vector_ok) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (row >= rows) return v;
+    const float* p = m + int64_t(row) * cols + col;
+    if (vector_ok && col + 3 < cols) return *reinterpret_cast<const float4*>(p);
+    if (col + 0 < cols) v.x = p[0];
+    if (col + 1 < cols) v.y = p[1];
+    if (col + 2 < cols) v.z = p[2];
+    if (col + 3 < cols) v.w = p[3];
+    return v;
+}
+
+// The body shared by 1c (B is [K, N]) and 1d (B is [N, K], read transposed).
+template <int BM, int BN, int BK, int TM, int TN, bool B_TRANSPOSED>
+__device__ void register_tiled_matmul(float* c, const float* a, const float* b, const MatmulShape& s,
+                                      const bool vec_a, const bool vec_b, const bool vec_c) {
+    constexpr int threads = 256;
+    static_assert(TM == 8 && TN == 8, "each thread reads its 8 rows and 8 columns as two float4 halves");
+    static_assert(BM == 16 * TM && BN == 16 * TN, "a 16 x 16 grid of threads covers the tile");
+    static_assert(BK % 4 == 0 && (BM * BK / 4) % threads == 0 && (BN * BK / 4) % threads == 0,
+                  "tiles are loaded as float4s, the same number by every thread");
+    constexpr int a_loads = BM * BK / 4 / threads, b_loads = BN * BK / 4 / threads;
+    // Two buffers each. A is stored transposed, a_tile[k][m]; the +4 spreads its stores over the banks.
+    __shared__ __align__(16) float a_tile[2][BK][BM + 4];
+    __shared__ __align__(16) float b_tile[2][BK][BN + 4];
+
+    const int z = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const float* a_mat = a + z * s.stride_a;
+    const float* b_mat = b + (z / s.b_group) * s.stride_b;
+    float* c_mat = c + z * s.stride_c;
+
+    // Loader: float4 number f = threadIdx.x + p * threads. For A (and a transposed B) f walks along K first, so a
+    // warp reads 8 rows x 64 bytes; for a plain B it walks along N, so a warp reads 512 contiguous bytes.
+    float4 a_next[a_loads], b_next[b_loads];
+    const auto fetch = [&](const int k0) {
+        for (int p = 0; p < a_loads; ++p) {
+            const int f = threadIdx.x + p * threads, row = f / (BK / 4), kq = (f % (BK / 4)) * 4;
+            a_next[p] = load4_or_zero(a_mat, m0 + row, k0 + kq, s.M, s.K, vec_a);
+        }
+        for (int p = 0; p < b_loads; ++p) {
+            const int f = threadIdx.x + p * threads;
+            if constexpr (B_TRANSPOSED) {
+                const int col = f / (BK / 4), kq = (f % (BK / 4)) * 4;
+                b_next[p] = load4_or_zero(b_mat, n0 + col, k0 + kq, s.N, s.K, vec_b);
+            } else {
+                const int k = f / (BN / 4), nq = (f % (BN / 4)) * 4;
+                b_next[p] = load4_or_zero(b_mat, k0 + k, n0 + nq, s.K, s.N, vec_b);
+            }
+        }
+    };
+    const auto store = [&](const int buf) {
+        for (int p = 0; p < a_loads; ++p) {
+            const int f = threadIdx.x + p * threads, row = f / (BK / 4), kq = (f % (BK / 4)) * 4;
+            a_tile[buf][kq + 0][row] = a_next[p].x;
+            a_tile[buf][kq + 1][row] = a_next[p].y;
+            a_tile[buf][kq + 2][row] = a_next[p].z;
+            a_tile[buf][kq + 3][row] = a_next[p].w;
+        }
+        for (int p = 0; p < b_loads; ++p) {
+            const int f = threadIdx.x + p * threads;
+            if constexpr (B_TRANSPOSED) {
+                const int col = f / (BK / 4), kq = (f % (BK / 4)) * 4;
+                b_tile[buf][kq + 0][col] = b_next[p].x;
+                b_tile[buf][kq + 1][col] = b_next[p].y;
+                b_tile[buf][kq + 2][col] = b_next[p].z;
+                b_tile[buf][kq + 3][col] = b_next[p].w;
+            } else {
+                const int k = f / (BN / 4), nq = (f % (BN / 4)) * 4;
+                *reinterpret_cast<float4*>(&b_tile[buf][k][nq]) = b_next[p];
+            }
+        }
+    };
+
+    float acc[TM][TN] = {};
+    const int k_tiles = int(ceil_div(s.K, BK));
+    fetch(0);
+    store(0);
+    __syncthreads();  // the first tiles are in shared memory
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        const int buf = kt % 2;
+        if (kt + 1 < k_tiles) fetch((kt + 1) * BK);  // global loads in flight while we compute
+#pragma unroll
+        for (int k = 0; k < BK; ++k) {
+            const float4 a_lo = *reinterpret_cast<const float4*>(&a_tile[buf][k][ty * 4]);
+            const float4 a_hi = *reinterpret_cast<const float4*>(&a_tile[buf][k][ty * 4 + BM / 2]);
+            const float4 b_lo = *reinterpret_cast<const float4*>(&b_tile[buf][k][tx * 4]);
+            const float4 b_hi = *reinterpret_cast<const float4*>(&b_tile[buf][k][tx * 4 + BN / 2]);
+            const float a_frag[TM] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
+            const float b_frag[TN] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a_frag[i], b_frag[j], acc[i][j]);
+        }
+        if (kt + 1 < k_tiles) store(1 - buf);
+        __syncthreads();  // the next tile is complete, and nobody still reads the buffer that gets overwritten next
+    }
+
+    // Epilogue: thread's rows are ty*4 + {0..3} and BM/2 + ty*4 + {0..3}; columns likewise with tx and BN/2.
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int row = m0 + ty * 4 + (i % 4) + (i / 4) * (BM / 2);
+        if (row >= s.M) continue;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int col = n0 + tx * 4 + half * (BN / 2);
+            float* out = c_mat + int64_t(row) * s.N + col;
+            const float4 v = make_float4(s.alpha * acc[i][half * 4 + 0], s.alpha * acc[i][half * 4 + 1],
+                                         s.alpha * acc[i][half * 4 + 2], s.alpha * acc[i][half * 4 + 3]);
+            if (vec_c && col + 3 < s.N) {
+                *reinterpret_cast<float4*>(out) = v;
+            } else {
+                if (col + 0 < s.N) out[0] = v.x;
+                if (col + 1 < s.N) out[1] = v.y;
+                if (col + 2 < s.N) out[2] = v.z;
+                if (col + 3 < s.N) out[3] = v.w;
+            }
+        }
+    }
+}
+
+constexpr int mm_bm = 128, mm_bn = 128, mm_bk = 16, mm_tm = 8, mm_tn = 8;
+
+__global__ void __launch_bounds__(256, 2)
+    s1c_matmul_register_tiled_kernel(float* c, const float* a, const float* b, const MatmulShape s, const bool vec_a,
+                                     const bool vec_b, const bool vec_c) {
+    register_tiled_matmul<mm_bm, mm_bn, mm_bk, mm_tm, mm_tn, false>(c, a, b, s, vec_a, vec_b, vec_c);
+}
+
+void s1c_matmul_register_tiled(float* c, const float* a, const float* b, const MatmulShape& s) {
+    check_matmul_shape("1c", s);
+    const bool batched = s.batch > 1;
+    const bool vec_a = float4_ok(a, s.K) && (!batched || s.stride_a % 4 == 0);
+    const bool vec_b = float4_ok(b, s.N) && (s.batch / s.b_group <= 1 || s.stride_b % 4 == 0);
+    const bool vec_c = float4_ok(c, s.N) && (!batched || s.stride_c % 4 == 0);
+    launch("s1c_matmul_register_tiled", s1c_matmul_register_tiled_kernel,
+           dim3(ceil_div(s.N, mm_bn), ceil_div(s.M, mm_bm), s.batch), dim3(256), 0, c, a, b, s, vec_a, vec_b, vec_c);
+}
+
+// ---- 1d. The transposed product S = Q K^T ----
+// Q [Nq, hd] times K [Nk, hd]^T: the second operand is stored row by row along the reduction axis. The only change from
+// 1c is B's loader: it reads K like A (float4 along hd) and stores it transposed into b_tile[k][n], so the inner
+// loop is the same and no transposed copy of K is ever written to global memory.
+__global__ void __launch_bounds__(256, 2)
+    s1d_matmul_qk_transposed_kernel(float* c, const float* a, const float* b, const MatmulShape s, const bool vec_a,
+                                    const bool vec_b, const bool vec_c) {
+    register_tiled_matmul<mm_bm, mm_bn, mm_bk, mm_tm, mm_tn, true>(c, a, b, s, vec_a, vec_b, vec_c);
+}
+
+void s1d_matmul_qk_transposed(float* c, const float* a, const float* b, const MatmulShape& s) {
+    check_matmul_shape("1d", s);
+    const bool batched = s.batch > 1;
+    const bool vec_a = float4_ok(a, s.K) && (!batched || s.stride_a % 4 == 0);
+    const bool vec_b = float4_ok(b, s.K) && (s.batch / s.b_group <= 1 || s.stride_b % 4 == 0);
+    const bool vec_c = float4_ok(c, s.N) && (!batched || s.stride_c % 4 == 0);
+    launch("s1d_matmul_qk_transposed", s1d_matmul_qk_transposed_kernel,
+           dim3(ceil_div(s.N, mm_bn), ceil_div(s.M, mm_bm), s.batch), dim3(256), 0, c, a, b, s, vec_a, vec_b, vec_c);
+}
+
+// cuBLAS SGEMM, the bench's yardstick for stage 1 (and nothing else). cuBLAS is column-major: the row-major product
+// C = A B is the column-major product C^T = B^T A^T, so B goes first.
+cublasHandle_t cublas_handle() {
+    static cublasHandle_t handle = [] {
+        cublasHandle_t h = nullptr;
+        check(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS, "cublas: cannot create a handle");
+        return h;
+    }();
+    return handle;
+}
+
+void cublas_sgemm(float* c, const float* a, const float* b, const MatmulShape& s) {
+    check_matmul_shape("cuBLAS", s);
+    const float beta = 0.0f;
+    for (int z = 0; z < s.batch; ++z) {
+        const cublasStatus_t status = cublasSgemm(cublas_handle(), CUBLAS_OP_N, CUBLAS_OP_N, s.N, s.M, s.K, &s.alpha,
+                                                  b + (z / s.b_group) * s.stride_b, s.N, a + z * s.stride_a, s.K,
+                                                  &beta, c + z * s.stride_c, s.N);
+        check(status == CUBLAS_STATUS_SUCCESS, "cublas: sgemm failed with status " + std::to_string(int(status)));
+    }
+}
+
+// ==== Stage 2: naive attention ====
+// Stage 2: attention from the stage 0 and 1 pieces, the way a framework without fusion runs it:
+//   S = scale * Q K^T  (1d, one product per head)  ->  P = softmax(mask(S)) row by row (2a)  ->  O = P V  (1c).
+// Changes from stage 1: a causal mask, rows that see no key, and the log-sum-exp. Why it is slow: S is B*H*Nq*Nk
+// floats (8 GiB at B2 H16 N8192) written once, read and written by the softmax, read again by P V: the N x N traffic,
+// not the arithmetic, sets its time, and its memory grows with N^2. Measured (H100, 2026-11-23, ./gpt_cuda bench):
+// B4 H16 N4096 d64 14.6 ms, 18.8 TFLOP/s (causal 13.4 ms, 10.3 TFLOP/s: it computes all of S, then masks half);
+// B2 H16 N8192 d128 38.5 ms, 28.6 TFLOP/s (causal 34.1 ms, 16.1 TFLOP/s).
+
+// ---- 2a. Masked row softmax ----
+// In place on S [B*H*Nq, Nk]: row r is query i = r % Nq, which sees keys j < visible = min(Nk, i + Nk - Nq + 1) when
+// causal (all Nk otherwise). Keys it cannot see get p = 0; a row that sees none gets p = 0 everywhere and lse = -inf.
+// lse = m + log(l) in natural-log units. One block per row, as in 0c.
+__global__ void s2a_masked_softmax_kernel(float* scores, float* lse, const int Nq, const int Nk, const bool causal) {
+    __shared__ float scratch[32];
+    const int i = int(blockIdx.x % Nq);
+    float* row = scores + int64_t(blockIdx.x) * Nk;
+    const int visible = causal ? min(Nk, i + Nk - Nq + 1) : Nk;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, row[j]);
+    m = block_max(m, scratch);
+    float l = 0.0f;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) l += expf(row[j] - m);
+    l = block_sum(l, scratch);
+    const float inv_l = visible > 0 ? 1.0f / l : 0.0f;
+    for (int j = threadIdx.x; j < Nk; j += blockDim.x) row[j] = j < visible ? expf(row[j] - m) * inv_l : 0.0f;
+    if (threadIdx.x == 0) lse[blockIdx.x] = visible > 0 ? m + logf(l) : -INFINITY;
+}
+
+void s2a_masked_softmax(float* scores, float* lse, const int rows, const int Nq, const int Nk, const bool causal) {
+    launch("s2a_masked_softmax", s2a_masked_softmax_kernel, dim3(rows), dim3(256), 0, scores, lse, Nq, Nk, causal);
+}
+
+void s2_attention_naive(float* out, float* lse, const float* q, const float* k, const float* v,
+                        const AttentionShape& s, DeviceBuffer<float>& workspace) {
+    check_attention_shape("2", s);
+    const size_t score_count = size_t(s.B) * s.H * s.Nq * s.Nk;
+    if (workspace.count < score_count) {
+        size_t free_bytes = 0, total_bytes = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+        check(score_count * sizeof(float) + (size_t(256) << 20) <= free_bytes + workspace.count * sizeof(float),
+              "stage 2: the score matrix needs " + std::to_string(score_count * sizeof(float) >> 20) + " MiB, only " +
+                  std::to_string(free_bytes >> 20) + " MiB of device memory are free");
+        reserve(workspace, score_count);
+    }
+    const int heads = s.B * s.H, group = s.H / s.G;
+    // 1. S = scale * Q K^T: [B*H] products of [Nq, hd] x [Nk, hd]^T;
+    //    head b*H + h reads K head (b*H + h) / (H/G) = b*G + h/(H/G)
+    MatmulShape qk;
+    qk.M = s.Nq, qk.N = s.Nk, qk.K = s.hd, qk.batch = heads, qk.b_group = group;
+    qk.stride_a = int64_t(s.Nq) * s.hd, qk.stride_b = int64_t(s.Nk) * s.hd, qk.stride_c = int64_t(s.Nq) * s.Nk;
+    qk.alpha = 1.0f / std::sqrt(float(s.hd));
+    s1d_matmul_qk_transposed(workspace.data, q, k, qk);
+    // 2. P = softmax(mask(S)), in place, and LSE
+    s2a_masked_softmax(workspace.data, lse, heads * s.Nq, s.Nq, s.Nk, s.causal);
+    // 3. O = P V: [B*H] products of [Nq, Nk] x [Nk, hd]
+    MatmulShape pv;
+    pv.M = s.Nq, pv.N = s.hd, pv.K = s.Nk, pv.batch = heads, pv.b_group = group;
+    pv.stride_a = int64_t(s.Nq) * s.Nk, pv.stride_b = int64_t(s.Nk) * s.hd, pv.stride_c = int64_t(s.Nq) * s.hd;
+    s1c_matmul_register_tiled(out, workspace.data, v, pv);
+}
+
+// ==== Stage 3: online softmax ====
+// Stage 3: the softmax recurrence that needs one pass: for each score x, m' = max(m, x), l = l e^(m - m') + e^(x - m'),
+// m = m' (DESIGN.md §7). Two partial results merge the same way: m = max(m1, m2), l = l1 e^(m1 - m) + l2 e^(m2 - m).
+// Changes from stage 2: 3a reads a row twice instead of three times; 3b applies the recurrence to attention itself,
+// carrying O along (o = o e^(m - m') + e^(x - m') v), so S is never stored: memory O(N) instead of O(N^2).
+// Faster because: 3a saves a pass over memory. 3b trades stage 2's tiled matmuls for a simple loop per query row, so on
+// long sequences it is slower than stage 2; what it wins is memory, and stage 4 wins the speed back with tiles.
+// Measured (H100, 2026-11-23, ./gpt_cuda bench): 3a 0.550 ms, 1465 GB/s on x [98304, 1024]: 0.71x of 0c, because a
+// 4 KB row stays in L1 between 0c's passes (its extra pass costs almost nothing) while 3a's first pass is a chain of
+// dependent updates; the saved pass pays off only for rows that do not fit in cache. 3b: B4 H16 N4096 d64 46.0 ms,
+// 6.0 TFLOP/s (0.32x of stage 2); B2 H16 N8192 d128 329 ms, 3.3 TFLOP/s (q and o, 256 floats, spill out of registers).
+
+// Merges the partial softmax statistics (m_other, l_other) into (m, l).
+__device__ void merge_softmax_stats(float& m, float& l, const float m_other, const float l_other) {
+    const float m_new = fmaxf(m, m_other);
+    if (m_new == -INFINITY) return;  // both empty: nothing to merge (and e^(-inf - -inf) would be NaN)
+    l = l * expf(m - m_new) + l_other * expf(m_other - m_new);
+    m = m_new;
+}
+
+// ---- 3a. One-pass softmax ----
+// Each thread runs the recurrence over its strided slice of the row, four elements per step; the block merges the (m, l)
+// pairs (shuffles inside a warp, then one pair per warp through shared memory); a second pass writes e^(x - m) / l.
+__global__ void s3a_softmax_online_kernel(float* out, const float* x, const int cols) {
+    __shared__ float warp_m[32], warp_l[32];
+    const float* row = x + int64_t(blockIdx.x) * cols;
+    float* out_row = out + int64_t(blockIdx.x) * cols;
+    float m = -INFINITY, l = 0.0f;
+    for (int c0 = threadIdx.x; c0 < cols; c0 += 4 * blockDim.x) {
+        // Four elements at a time (loads issued together): m' = max(m, x0..x3), l = l e^(m - m') + sum e^(x - m').
+        float x[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) x[k] = c0 + k * int(blockDim.x) < cols ? row[c0 + k * blockDim.x] : -INFINITY;
+        const float m_new = fmaxf(m, fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])));
+        l = l * expf(m - m_new) + expf(x[0] - m_new) + expf(x[1] - m_new) + expf(x[2] - m_new) + expf(x[3] - m_new);
+        m = m_new;
+    }
+    for (int offset = 16; offset > 0; offset /= 2)
+        merge_softmax_stats(m, l, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, l, offset));
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    if (lane == 0) warp_m[warp] = m, warp_l[warp] = l;
+    __syncthreads();  // every warp's (m, l) is in shared memory
+    m = -INFINITY, l = 0.0f;
+    for (int w = 0; w < warps; ++w) merge_softmax_stats(m, l, warp_m[w], warp_l[w]);
+    const float inv_l = 1.0f / l;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out_row[c] = expf(row[c] - m) * inv_l;
+}
+
+void s3a_softmax_online(float* out, const float* x, const int rows, const int cols) {
+    launch("s3a_softmax_online", s3a_softmax_online_kernel, dim3(rows), dim3(256), 0, out, x, cols);
+}
+
+// ---- 3b. Streaming attention ----
+// One thread owns one query row: its scaled q and its running output o live in registers; it walks over the keys it
+// may see, updating (m, l, o) with the online recurrence. Threads of a warp are consecutive rows of one head and read
+// the same key at the same time, so each K and V load is one broadcast. Grid: (row blocks, B*H).
+template <int HD>
+__global__ void s3b_attention_streaming_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
+                                               const AttentionShape s) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, head = blockIdx.y, kv_head = head / (s.H / s.G);
+    if (i >= s.Nq) return;
+    const float* q_row = q + (int64_t(head) * s.Nq + i) * HD;
+    const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
+    const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
+    const float scale = rsqrtf(float(HD));
+    float q_scaled[HD], o[HD];
+#pragma unroll
+    for (int d = 0; d < HD; ++d) q_scaled[d] = q_row[d] * scale, o[d] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    const int visible = s.causal ? min(s.Nk, i + s.Nk - s.Nq + 1) : s.Nk;
+    for (int j = 0; j < visible; ++j) {
+        const float4* k_row = reinterpret_cast<const float4*>(k_head + int64_t(j) * HD);
+        const float4* v_row = reinterpret_cast<const float4*>(v_head + int64_t(j) * HD);
+        float x = 0.0f;
+#pragma unroll
+        for (int d = 0; d < HD / 4; ++d) {
+            const float4 kk = k_row[d];
+            x += q_scaled[4 * d] * kk.x + q_scaled[4 * d + 1] * kk.y + q_scaled[4 * d + 2] * kk.z +
+                 q_scaled[4 * d + 3] * kk.w;
+        }
+        const float m_new = fmaxf(m, x);
+        const float correction = expf(m - m_new), p = expf(x - m_new);  // correction = 0 on the first key (m = -inf)
+        l = l * correction + p;
+#pragma unroll
+        for (int d = 0; d < HD / 4; ++d) {
+            const float4 vv = v_row[d];
+            o[4 * d] = o[4 * d] * correction + p * vv.x;
+            o[4 * d + 1] = o[4 * d + 1] * correction + p * vv.y;
+            o[4 * d + 2] = o[4 * d + 2] * correction + p * vv.z;
+            o[4 * d + 3] = o[4 * d + 3] * correction + p * vv.w;
+        }
+        m = m_new;
+    }
+    float* out_row = out + (int64_t(head) * s.Nq + i) * HD;
+    const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;  // a row that saw no key writes 0
+#pragma unroll
+    for (int d = 0; d < HD; ++d) out_row[d] = o[d] * inv_l;
+    lse[int64_t(head) * s.Nq + i] = l > 0.0f ? m + logf(l) : -INFINITY;
+}
+
+void s3b_attention_streaming(float* out, float* lse, const float* q, const float* k, const float* v,
+                             const AttentionShape& s, DeviceBuffer<float>&) {
+    check_attention_shape("3b", s);
+    constexpr int threads = 128;
+    dispatch_head_size("3b", s.hd, [&](auto hd) {
+        launch("s3b_attention_streaming", s3b_attention_streaming_kernel<decltype(hd)::value>,
+               dim3(ceil_div(s.Nq, threads), s.B * s.H), dim3(threads), 0, out, lse, q, k, v, s);
+    });
+}
+
+// ==== Stage 4: tiled building blocks, FlashAttention-1 loop order ====
+// Stage 4: tiles. A block of 256 threads takes Bq = 128 query rows and Bc = 64 keys at a time; Q, K and V tiles are
+// staged in shared memory and every thread computes an 8 x 4 piece of S = Q K^T and an 8 x hd/16 piece of P V in
+// registers (the register tiling of 1c, applied to attention). The loop order is FlashAttention-1's: the OUTER loop
+// runs over K/V tiles (here: one kernel launch per K/V tile), the inner one over query tiles (the grid). So between
+// K/V tiles the partial output O and the row statistics m, l must wait in global memory, and every launch reads and
+// rewrites all of O:  O = (l e^(m - m_new) O + e^(m~ - m_new) P~ V) / l_new. Changes from stage 3: K/V values are reused
+// by 128 query rows from shared memory instead of being re-read per row. Slower than it could be because O, m, l make
+// Nk/64 round trips through memory; stage 5 fixes that. Measured (H100, 2026-11-23, ./gpt_cuda bench): B4 H16 N4096
+// d64 12.7 ms, 21.7 TFLOP/s (3.63x of 3b, 1.15x of stage 2); causal 12.8 ms, 10.8 TFLOP/s. B2 H16 N8192 d128 55.0 ms,
+// 20.0 TFLOP/s: slower than stage 2 (38.5 ms) there, because each of its 128 launches re-reads and rewrites all of O
+// (134 MB) and reloads Q: about 50 GB of traffic that stage 5 removes.
+//
+// Thread layout, shared by stages 4-6: thread t is (ty, tx) = (t / 16, t % 16). It owns query rows ty*8 .. ty*8+7 of
+// the tile, keys tx, tx+16, tx+32, tx+48 of S, and hd/16 output columns of O (out_col below). The 16 threads that share
+// a row are one half of a warp, so row-wide max and sum are four shuffles. Strided keys keep a warp's shared-memory
+// accesses in distinct banks.
+constexpr int flash_rows = 128;     // Bq: query rows per block
+constexpr int flash_keys = 64;      // Bc: keys per K/V tile
+constexpr int flash_threads = 256;  // a 16 x 16 grid of threads
+constexpr int rows_per_thread = 8, keys_per_thread = 4;
+constexpr int p_stride = flash_rows + 4;  // P^T rows padded so float4 stores of different keys use different banks
+template <int HD>
+constexpr int k_stride = HD + 4;  // K rows padded likewise, for the float4 reads of four keys in scores_tile
+static_assert(flash_rows == 16 * rows_per_thread && flash_keys == 16 * keys_per_thread,
+              "16 x 16 threads cover the tile");
+constexpr float log2_e = 1.4426950408889634f, ln_2 = 0.6931471805599453f;
+
+// Shared memory of one block: q_t [hd][Bq] (Q transposed), k_s [Bc][hd + 4], v_s [Bc][hd],
+// p_t [Bc][p_stride] (P transposed).
+template <int HD>
+constexpr size_t flash_smem_bytes = sizeof(float) * (size_t(HD) * flash_rows + size_t(flash_keys) * k_stride<HD> +
+                                                     size_t(flash_keys) * HD + size_t(flash_keys) * p_stride);
+
+struct FlashTiles {
+    float* q_t;
+    float* k_s;
+    float* v_s;
+    float* p_t;
+};
+
+template <int HD>
+__device__ FlashTiles carve_flash_tiles(float* smem) {
+    FlashTiles t;
+    t.q_t = smem;
+    t.k_s = t.q_t + HD * flash_rows;
+    t.v_s = t.k_s + flash_keys * k_stride<HD>;
+    t.p_t = t.v_s + flash_keys * HD;
+    return t;
+}
+
+// Output column c (0 <= c < hd/16) of thread tx. With hd a multiple of 64 the thread owns groups of four adjacent
+// columns, tx*4 + 64g + {0..3}, so V is read as float4; otherwise single columns tx + 16c. Either way a warp's 16
+// threads cover contiguous memory, so the reads of V and the writes of O coalesce and do not collide in banks.
+template <int HD>
+__device__ int out_col(const int tx, const int c) {
+    if constexpr (HD % 64 == 0)
+        return tx * 4 + 64 * (c / 4) + c % 4;
+    else
+        return tx + 16 * c;
+}
+
+// Max and sum over the 16 threads (one half-warp) that share a row.
+__device__ float row_max16(float value) {
+    for (int offset = 8; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    return value;
+}
+__device__ float row_sum16(float value) {
+    for (int offset = 8; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}
+
+// Q tile [Bq, hd] -> q_t [hd][Bq], multiplied by q_scale (rows past Nq are 0). Consecutive threads take consecutive
+// rows, so the transposed stores q_t[d][row] fall in consecutive banks.
+template <int HD>
+__device__ void load_q_tile(float* q_t, const float* q_head, const int row0, const int Nq, const float q_scale) {
+    for (int f = threadIdx.x; f < flash_rows * HD / 4; f += flash_threads) {
+        const int row = f % flash_rows, d = (f / flash_rows) * 4;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (row0 + row < Nq) x = *reinterpret_cast<const float4*>(q_head + int64_t(row0 + row) * HD + d);
+        q_t[(d + 0) * flash_rows + row] = x.x * q_scale;
+        q_t[(d + 1) * flash_rows + row] = x.y * q_scale;
+        q_t[(d + 2) * flash_rows + row] = x.z * q_scale;
+        q_t[(d + 3) * flash_rows + row] = x.w * q_scale;
+    }
+}
+
+// cp.async (sm_80+): copy 16 bytes from global to shared memory without passing through registers; the thread goes on
+// at once and waits later (cp_async_wait_all), so the copy overlaps whatever the thread computes meanwhile. With
+// src_bytes = 0 nothing is read and the 16 bytes are zero-filled.
+__device__ void cp_async16(void* shared_dst, const void* global_src, const int src_bytes) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src), "r"(src_bytes));
+}
+__device__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Starts copying keys key0 .. key0+Bc-1 of a K or V head [Nk, hd] into dst [Bc][dst_stride]; keys past Nk become 0.
+// Consecutive threads take consecutive float4s of a row, so a warp reads 512 contiguous bytes.
+template <int HD>
+__device__ void load_kv_tile_async(float* dst, const int dst_stride, const float* head, const int key0,
+                                   const int Nk) {
+    for (int f = threadIdx.x; f < flash_keys * HD / 4; f += flash_threads) {
+        const int key = f / (HD / 4), d = (f % (HD / 4)) * 4;
+        const bool inside = key0 + key < Nk;
+        cp_async16(dst + key * dst_stride + d, head + int64_t(inside ? key0 + key : 0) * HD + d, inside ? 16 : 0);
+    }
+}
+
+// s[r][c] = q_t[:, ty*8 + r] . k_s[tx + 16c, :]. Per 4 steps of d: four float4 of K (one per key), eight of Q, 128 FMAs.
+template <int HD>
+__device__ void scores_tile(float (&s)[rows_per_thread][keys_per_thread], const float* q_t, const float* k_s,
+                            const int ty, const int tx) {
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r)
+#pragma unroll
+        for (int c = 0; c < keys_per_thread; ++c) s[r][c] = 0.0f;
+#pragma unroll 4
+    for (int d0 = 0; d0 < HD; d0 += 4) {
+        float4 kk[keys_per_thread];
+#pragma unroll
+        for (int c = 0; c < keys_per_thread; ++c)
+            kk[c] = *reinterpret_cast<const float4*>(k_s + (tx + 16 * c) * k_stride<HD> + d0);
+#pragma unroll
+        for (int dd = 0; dd < 4; ++dd) {
+            const float4 q_lo = *reinterpret_cast<const float4*>(q_t + (d0 + dd) * flash_rows + ty * 8);
+            const float4 q_hi = *reinterpret_cast<const float4*>(q_t + (d0 + dd) * flash_rows + ty * 8 + 4);
+            const float qv[rows_per_thread] = {q_lo.x, q_lo.y, q_lo.z, q_lo.w, q_hi.x, q_hi.y, q_hi.z, q_hi.w};
+#pragma unroll
+            for (int c = 0; c < keys_per_thread; ++c) {
+                const float k_value = dd == 0 ? kk[c].x : dd == 1 ? kk[c].y : dd == 2 ? kk[c].z : kk[c].w;
+#pragma unroll
+                for (int r = 0; r < rows_per_thread; ++r) s[r][c] = fmaf(qv[r], k_value, s[r][c]);
+            }
+        }
+    }
+}
+
+// Scores of keys a row may not see become -inf: keys past Nk and, when causal, keys j > i + Nk - Nq.
+__device__ void mask_scores(float (&s)[rows_per_thread][keys_per_thread], const int first_row, const int first_key,
+                            const int Nq, const int Nk, const bool causal) {
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) {
+        const int last_key = causal ? min(Nk - 1, first_row + r + Nk - Nq) : Nk - 1;
+#pragma unroll
+        for (int c = 0; c < keys_per_thread; ++c)
+            if (first_key + 16 * c > last_key) s[r][c] = -INFINITY;
+    }
+}
+
+// P tile -> p_t [Bc][Bq] (transposed): key tx + 16c of this thread's 8 rows is two float4 stores.
+__device__ void store_p_tile(float* p_t, const float (&p)[rows_per_thread][keys_per_thread], const int ty,
+                             const int tx) {
+#pragma unroll
+    for (int c = 0; c < keys_per_thread; ++c) {
+        float* dst = p_t + (tx + 16 * c) * p_stride + ty * 8;
+        *reinterpret_cast<float4*>(dst) = make_float4(p[0][c], p[1][c], p[2][c], p[3][c]);
+        *reinterpret_cast<float4*>(dst + 4) = make_float4(p[4][c], p[5][c], p[6][c], p[7][c]);
+    }
+}
+
+// acc[r][c] += sum_key P[ty*8 + r, key] V[key, out_col(tx, c)]: per key, two float4 of P^T and hd/16 values of V.
+template <int HD>
+__device__ void pv_tile(float (&acc)[rows_per_thread][HD / 16], const float* p_t, const float* v_s, const int ty,
+                        const int tx) {
+#pragma unroll 4
+    for (int key = 0; key < flash_keys; ++key) {
+        const float4 p_lo = *reinterpret_cast<const float4*>(p_t + key * p_stride + ty * 8);
+        const float4 p_hi = *reinterpret_cast<const float4*>(p_t + key * p_stride + ty * 8 + 4);
+        const float pv[rows_per_thread] = {p_lo.x, p_lo.y, p_lo.z, p_lo.w, p_hi.x, p_hi.y, p_hi.z, p_hi.w};
+        float vv[HD / 16];
+        if constexpr (HD % 64 == 0) {
+#pragma unroll
+            for (int g = 0; g < HD / 64; ++g) {
+                const float4 x = *reinterpret_cast<const float4*>(v_s + key * HD + out_col<HD>(tx, 4 * g));
+                vv[4 * g] = x.x, vv[4 * g + 1] = x.y, vv[4 * g + 2] = x.z, vv[4 * g + 3] = x.w;
+            }
+        } else {
+#pragma unroll
+            for (int c = 0; c < HD / 16; ++c) vv[c] = v_s[key * HD + out_col<HD>(tx, c)];
+        }
+#pragma unroll
+        for (int r = 0; r < rows_per_thread; ++r)
+#pragma unroll
+            for (int c = 0; c < HD / 16; ++c) acc[r][c] = fmaf(pv[r], vv[c], acc[r][c]);
+    }
+}
+
+// ---- 4. One FlashAttention-1 step: merge K/V tile `key0` into O, m, l held in global memory ----
+// Scores are in log2 units (Q pre-multiplied by scale * log2(e)), so exp2f is the exponential; lse converts back.
+template <int HD>
+__global__ void __launch_bounds__(flash_threads)
+    s4_attention_flash1_kernel(float* out, float* lse, float* row_max, float* row_sum, const float* q, const float* k,
+                               const float* v, const AttentionShape s, const int key0, const bool first,
+                               const bool last) {
+    extern __shared__ float4 smem4[];
+    const FlashTiles tiles = carve_flash_tiles<HD>(reinterpret_cast<float*>(smem4));
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, lane = threadIdx.x % 32;
+    const int row0 = blockIdx.x * flash_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
+    load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
+    load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k + int64_t(kv_head) * s.Nk * HD, key0, s.Nk);
+    load_kv_tile_async<HD>(tiles.v_s, HD, v + int64_t(kv_head) * s.Nk * HD, key0, s.Nk);
+    cp_async_wait_all();
+    __syncthreads();  // Q, K and V tiles are complete
+
+    // This tile alone: m~ = rowmax S, P~ = e^(S - m~), l~ = rowsum P~ (each over the 16 threads of a row).
+    float p[rows_per_thread][keys_per_thread], tile_max[rows_per_thread], tile_sum[rows_per_thread];
+    scores_tile<HD>(p, tiles.q_t, tiles.k_s, ty, tx);
+    mask_scores(p, row0 + ty * 8, key0 + tx, s.Nq, s.Nk, s.causal);
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) {
+        tile_max[r] = row_max16(fmaxf(fmaxf(p[r][0], p[r][1]), fmaxf(p[r][2], p[r][3])));
+        const float m_safe =
+            tile_max[r] == -INFINITY ? 0.0f : tile_max[r];  // a fully masked row gives P~ = 0, not NaN
+        float sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < keys_per_thread; ++c) sum += (p[r][c] = exp2f(p[r][c] - m_safe));
+        tile_sum[r] = row_sum16(sum);
+    }
+    store_p_tile(tiles.p_t, p, ty, tx);
+    __syncthreads();  // the whole P~ tile is written before any thread reads a row of it
+    float pv[rows_per_thread][HD / 16] = {};
+    pv_tile<HD>(pv, tiles.p_t, tiles.v_s, ty, tx);
+
+    // Merge with the running result in global memory. Lane tx == 0 of each row reads and writes m and l; the
+    // shuffle hands its m, l to the other 15 threads of the row.
+    float* out_head = out + int64_t(head) * s.Nq * HD;
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) {
+        const int row = row0 + ty * 8 + r;
+        const int64_t stat = int64_t(head) * s.Nq + row;
+        float m_old = -INFINITY, l_old = 0.0f;
+        if (!first && tx == 0 && row < s.Nq) m_old = row_max[stat], l_old = row_sum[stat];
+        m_old = __shfl_sync(0xffffffffu, m_old, lane & 16);
+        l_old = __shfl_sync(0xffffffffu, l_old, lane & 16);
+        if (row >= s.Nq) continue;
+        const float m_new = fmaxf(m_old, tile_max[r]);
+        float w_old = 0.0f,
+              w_tile = 0.0f;  // weights of the old O and of this tile's P~ V; both 0 while the row saw nothing
+        if (m_new != -INFINITY) w_old = exp2f(m_old - m_new) * l_old, w_tile = exp2f(tile_max[r] - m_new);
+        const float l_new = w_old + w_tile * tile_sum[r];
+        const float inv_l = l_new > 0.0f ? 1.0f / l_new : 0.0f;
+#pragma unroll
+        for (int c = 0; c < HD / 16; ++c) {
+            float* o = out_head + int64_t(row) * HD + out_col<HD>(tx, c);
+            const float o_old = first ? 0.0f : *o;  // the re-read that stage 5 removes
+            *o = (w_old * o_old + w_tile * pv[r][c]) * inv_l;
+        }
+        if (tx == 0) {
+            row_max[stat] = m_new, row_sum[stat] = l_new;
+            if (last) lse[stat] = l_new > 0.0f ? (m_new + log2f(l_new)) * ln_2 : -INFINITY;
+        }
+    }
+}
+
+void s4_attention_flash1(float* out, float* lse, const float* q, const float* k, const float* v,
+                         const AttentionShape& s, DeviceBuffer<float>& workspace) {
+    check_attention_shape("4", s);
+    const size_t rows = size_t(s.B) * s.H * s.Nq;
+    reserve(workspace, 2 * rows);  // running max m and running sum l of every query row
+    dispatch_head_size("4", s.hd, [&](auto hd) {
+        constexpr int HD = decltype(hd)::value;
+        // The outer loop of FlashAttention-1, over K/V tiles, is this host loop: one launch per tile.
+        for (int key0 = 0; key0 < s.Nk; key0 += flash_keys)
+            launch("s4_attention_flash1", s4_attention_flash1_kernel<HD>, dim3(ceil_div(s.Nq, flash_rows), s.B * s.H),
+                   dim3(flash_threads), flash_smem_bytes<HD>, out, lse, workspace.data, workspace.data + rows, q, k,
+                   v, s, key0, key0 == 0, key0 + flash_keys >= s.Nk);
+    });
+}
+
+// ==== Stage 5: fused flash attention (FlashAttention-2 loop order) ====
+// Stage 5: swap the loops. A block owns its 128 query rows for the whole kernel and loops over all K/V tiles itself, so
+// the running output (acc), max m and sum l stay in registers, and O and LSE are written once at the end:
+//   S = Q K_j^T,  m' = max(m, rowmax S),  P = e^(S - m'),  l = e^(m - m') l + rowsum P,  acc = e^(m - m') acc + P V_j.
+//   O = acc / l,  LSE = m + log l.    (DESIGN.md §7)
+// Changes from stage 4: one launch instead of Nk/64; no reads or writes of O, m, l per tile; O is divided by l once
+// (not after every tile); each thread keeps its partial l, so only the max needs shuffles per tile. The loads of K and
+// V take turns with the math (cp.async): V_j arrives while S = Q K_j^T is computed, K_j+1 while P V_j is, so the
+// block rarely waits for memory. Causal rows are handled by masking every tile (stage 6 skips the tiles that are fully
+// masked). Faster because the only memory traffic left is reading Q once and K, V once per query block, and it
+// overlaps the arithmetic. Measured (H100, 2026-11-23, ./gpt_cuda bench): B4 H16 N4096 d64 7.27 ms, 37.8 TFLOP/s
+// (1.75x of stage 4; causal 7.36 ms, 18.7 TFLOP/s); B2 H16 N8192 d128 27.3 ms, 40.3 TFLOP/s (2.02x of stage 4);
+// B8 H12 N1024 d64 0.706 ms, 36.5 TFLOP/s. One block of 256 threads per SM at d128 (184 registers, 165 KB of shared
+// memory), two at d64: ncu shows the issue slots 72% busy and the FMA pipe 62% busy at d128.
+
+// Before the loop: Q is in q_t and K_0 is arriving in k_s. Waits for K_0 and makes Q and K_0 visible to all threads.
+__device__ void flash2_prologue_wait() {
+    cp_async_wait_all();
+    __syncthreads();  // Q (plain stores) and K_0 (cp.async) are complete in shared memory for every thread
+}
+
+// One K/V tile of the FA2 loop for the thread's rows. On entry K_j is complete in k_s and v_s is free; on exit
+// K_j+1 (when next_key0 < key_end) is complete in k_s and v_s is free again. MASK = false skips the mask (stage 6
+// uses it for tiles that every row of the block sees completely).
+template <int HD, bool MASK>
+__device__ void flash2_tile(const FlashTiles& tiles, float (&acc)[rows_per_thread][HD / 16],
+                            float (&m)[rows_per_thread], float (&l)[rows_per_thread], const float* k_head,
+                            const float* v_head, const int row0, const int key0, const int key_end,
+                            const AttentionShape& s) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    load_kv_tile_async<HD>(tiles.v_s, HD, v_head, key0, s.Nk);  // V_j streams in while S is computed
+    float p[rows_per_thread][keys_per_thread];
+    scores_tile<HD>(p, tiles.q_t, tiles.k_s, ty, tx);
+    if (MASK) mask_scores(p, row0 + ty * 8, key0 + tx, s.Nq, s.Nk, s.causal);
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) {
+        const float m_new = fmaxf(m[r], row_max16(fmaxf(fmaxf(p[r][0], p[r][1]), fmaxf(p[r][2], p[r][3]))));
+        const float m_safe = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen no key keeps p = 0, not NaN
+        const float correction = exp2f(m[r] - m_safe);           // 0 before the first visible key (m = -inf)
+        float sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < keys_per_thread; ++c) sum += (p[r][c] = exp2f(p[r][c] - m_safe));
+        l[r] =
+            l[r] * correction + sum;  // this thread's share of the row sum; the 16 shares are added once, at the end
+#pragma unroll
+        for (int c = 0; c < HD / 16; ++c) acc[r][c] *= correction;
+        m[r] = m_new;
+    }
+    store_p_tile(tiles.p_t, p, ty, tx);
+    cp_async_wait_all();
+    __syncthreads();  // P and V_j are complete, and every thread is done reading K_j
+    const int next_key0 = key0 + flash_keys;
+    if (next_key0 < key_end)
+        load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k_head, next_key0, s.Nk);  // K_j+1 streams in
+    pv_tile<HD>(acc, tiles.p_t, tiles.v_s, ty, tx);
+    cp_async_wait_all();
+    __syncthreads();  // K_j+1 is complete, and every thread is done reading P and V_j
+}
+
+// O = acc / l and LSE = (m + log2 l) ln 2 for the thread's rows; a row with l = 0 saw no key: O = 0, LSE = -inf.
+template <int HD>
+__device__ void write_flash_rows(float* out_head, float* lse_head, const float (&acc)[rows_per_thread][HD / 16],
+                                 const float (&m)[rows_per_thread], const float (&l)[rows_per_thread], const int row0,
+                                 const int Nq) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) {
+        const float l_row = row_sum16(l[r]);  // all 32 lanes take part in the shuffle, before any of them skips a row
+        const int row = row0 + ty * 8 + r;
+        if (row >= Nq) continue;
+        const float inv_l = l_row > 0.0f ? 1.0f / l_row : 0.0f;
+#pragma unroll
+        for (int c = 0; c < HD / 16; ++c) out_head[int64_t(row) * HD + out_col<HD>(tx, c)] = acc[r][c] * inv_l;
+        if (tx == 0) lse_head[row] = l_row > 0.0f ? (m[r] + log2f(l_row)) * ln_2 : -INFINITY;
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(flash_threads)
+    s5_attention_flash2_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
+                               const AttentionShape s) {
+    extern __shared__ float4 smem4[];
+    const FlashTiles tiles = carve_flash_tiles<HD>(reinterpret_cast<float*>(smem4));
+    const int row0 = blockIdx.x * flash_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
+    const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
+    const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
+    load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k_head, 0, s.Nk);
+    load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
+    float acc[rows_per_thread][HD / 16] = {}, m[rows_per_thread], l[rows_per_thread];
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) m[r] = -INFINITY, l[r] = 0.0f;
+    flash2_prologue_wait();
+    for (int key0 = 0; key0 < s.Nk; key0 += flash_keys)
+        flash2_tile<HD, true>(tiles, acc, m, l, k_head, v_head, row0, key0, s.Nk, s);
+    write_flash_rows<HD>(out + int64_t(head) * s.Nq * HD, lse + int64_t(head) * s.Nq, acc, m, l, row0, s.Nq);
+}
+
+void s5_attention_flash2(float* out, float* lse, const float* q, const float* k, const float* v,
+                         const AttentionShape& s, DeviceBuffer<float>&) {
+    check_attention_shape("5", s);
+    dispatch_head_size("5", s.hd, [&](auto hd) {
+        constexpr int HD = decltype(hd)::value;
+        launch("s5_attention_flash2", s5_attention_flash2_kernel<HD>, dim3(ceil_div(s.Nq, flash_rows), s.B * s.H),
+               dim3(flash_threads), flash_smem_bytes<HD>, out, lse, q, k, v, s);
+    });
+}
+
+// ==== Stage 6: causal flash attention ====
+// Stage 6: causal attention at half the cost. Query rows row0 .. row0+127 see keys up to (row0 + 127) + Nk - Nq, so the
+// block stops there: tiles above the diagonal are never loaded (about half of them when Nq = Nk). Tiles that every row
+// of the block sees in full run without the mask; only tiles crossing the diagonal (or the end of K) pay for it. Blocks
+// near the bottom of a head have the most tiles, so they are launched first (grid x counts down), and the launch ends
+// with short blocks that fill the gaps. Heads stay in grid y, so the blocks running at one time share a few heads'
+// K/V in L2. With Nq != Nk the diagonal moves by Nk - Nq (bottom-right alignment); a block whose rows see
+// no key at all writes O = 0 and LSE = -inf without touching K or V. Grouped-query attention is the index
+// h / (H/G) of every stage: the H/G query heads of a group are adjacent in the grid and share their K/V in L2.
+// Changes from stage 5: tile skipping, mask only on diagonal tiles, longest-first order. Faster because causal
+// attention does half the work of stage 5's masked loop; without a mask it is stage 5. Measured (H100, 2026-11-23,
+// ./gpt_cuda bench): causal B4 H16 N4096 d64 4.15 ms, 33.1 TFLOP/s (1.77x of stage 5); causal B2 H16 N8192 d128
+// 14.2 ms, 38.7 TFLOP/s (1.92x); causal B8 H12 N1024 d64 0.518 ms, 24.9 TFLOP/s (1.38x). Non-causal it does stage 5's
+// work: B4 H16 N4096 d64 7.43 ms, 37.0 TFLOP/s (0.98x); B2 H16 N8192 d128 27.3 ms, 40.2 TFLOP/s (1.00x).
+template <int HD>
+__global__ void __launch_bounds__(flash_threads)
+    s6_attention_flash_causal_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
+                                     const AttentionShape s) {
+    extern __shared__ float4 smem4[];
+    const FlashTiles tiles = carve_flash_tiles<HD>(reinterpret_cast<float*>(smem4));
+    const int row0 = (gridDim.x - 1 - blockIdx.x) * flash_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
+    const int last_row = min(row0 + flash_rows, s.Nq) - 1;
+    // Keys [0, key_end) are seen by some row of the block; keys [0, full_end) by every row of it.
+    const int key_end = s.causal ? min(s.Nk, last_row + s.Nk - s.Nq + 1) : s.Nk;
+    const int full_end = s.causal ? min(s.Nk, row0 + s.Nk - s.Nq + 1) : s.Nk;
+    const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
+    const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
+    if (key_end > 0) load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k_head, 0, s.Nk);
+    load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
+    float acc[rows_per_thread][HD / 16] = {}, m[rows_per_thread], l[rows_per_thread];
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) m[r] = -INFINITY, l[r] = 0.0f;
+    flash2_prologue_wait();
+    for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
+        if (key0 + flash_keys <= full_end)
+            flash2_tile<HD, false>(tiles, acc, m, l, k_head, v_head, row0, key0, key_end, s);
+        else
+            flash2_tile<HD, true>(tiles, acc, m, l, k_head, v_head, row0, key0, key_end, s);
+    }
+    write_flash_rows<HD>(out + int64_t(head) * s.Nq * HD, lse + int64_t(head) * s.Nq, acc, m, l, row0, s.Nq);
+}
+
+void s6_attention_flash_causal(float* out, float* lse, const float* q, const float* k, const float* v,
+                               const AttentionShape& s, DeviceBuffer<float>&) {
+    check_attention_shape("6", s);
+    dispatch_head_size("6", s.hd, [&](auto hd) {
+        constexpr int HD = decltype(hd)::value;
+        launch("s6_attention_flash_causal", s6_attention_flash_causal_kernel<HD>,
+               dim3(ceil_div(s.Nq, flash_rows), s.B * s.H), dim3(flash_threads), flash_smem_bytes<HD>, out, lse, q, k,
+               v, s);
+    });
+}
+
+// ==== Runner ====
+// The stages[] table names every stage once: its id (the CLI's --stage, the bench table's first column and the
+// prefix of its kernels), its launcher and its idea. run_stage() makes random inputs, computes the reference with
+// gpt.cpp, launches the stage, checks every value it can (DESIGN.md §7) and only then times it.
+
+enum class StageKind { elementwise, row_reduce, row_softmax, matmul, matmul_qk, attention };
+
+using ElementwiseLaunch = void (*)(float*, const float*, float, int64_t);
+using RowsLaunch = void (*)(float*, const float*, int, int);
+using MatmulLaunch = void (*)(float*, const float*, const float*, const MatmulShape&);
+using AttentionLaunch = void (*)(float*, float*, const float*, const float*, const float*, const AttentionShape&,
+                                 DeviceBuffer<float>&);
+
+struct Stage {
+    const char* id;      // "0a" ... "6"
+    const char* kernel;  // its launcher
+    const char* idea;
+    StageKind kind;
+    ElementwiseLaunch elementwise = nullptr;  // the one launcher that matches `kind` is set
+    RowsLaunch rows = nullptr;
+    MatmulLaunch matmul = nullptr;
+    AttentionLaunch attention = nullptr;
+};
+
+const Stage stages[] = {
+    {.id = "0a",
+     .kernel = "s0a_scale",
+     .idea = "element-wise scale, one thread per element",
+     .kind = StageKind::elementwise,
+     .elementwise = s0a_scale},
+    {.id = "0b",
+     .kernel = "s0b_row_sum",
+     .idea = "block reduction: shared-memory tree, then warp shuffles",
+     .kind = StageKind::row_reduce,
+     .rows = s0b_row_sum},
+    {.id = "0c",
+     .kernel = "s0c_softmax_rows",
+     .idea = "row softmax in three passes: max, sum, normalise",
+     .kind = StageKind::row_softmax,
+     .rows = s0c_softmax_rows},
+    {.id = "1a",
+     .kernel = "s1a_matmul_naive",
+     .idea = "matmul, one thread per output",
+     .kind = StageKind::matmul,
+     .matmul = s1a_matmul_naive},
+    {.id = "1b",
+     .kernel = "s1b_matmul_smem_tiled",
+     .idea = "matmul, 32 x 32 shared-memory tiles",
+     .kind = StageKind::matmul,
+     .matmul = s1b_matmul_smem_tiled},
+    {.id = "1c",
+     .kernel = "s1c_matmul_register_tiled",
+     .idea = "matmul, 8 x 8 register tile per thread",
+     .kind = StageKind::matmul,
+     .matmul = s1c_matmul_register_tiled},
+    {.id = "1d",
+     .kernel = "s1d_matmul_qk_transposed",
+     .idea = "S = Q K^T, second operand read transposed",
+     .kind = StageKind::matmul_qk,
+     .matmul = s1d_matmul_qk_transposed},
+    {.id = "2",
+     .kernel = "s2_attention_naive",
+     .idea = "naive attention: S in global memory, 3 kernels",
+     .kind = StageKind::attention,
+     .attention = s2_attention_naive},
+    {.id = "3a",
+     .kernel = "s3a_softmax_online",
+     .idea = "one-pass (online) softmax",
+     .kind = StageKind::row_softmax,
+     .rows = s3a_softmax_online},
+    {.id = "3b",
+     .kernel = "s3b_attention_streaming",
+     .idea = "streaming attention, one thread per query row",
+     .kind = StageKind::attention,
+     .attention = s3b_attention_streaming},
+    {.id = "4",
+     .kernel = "s4_attention_flash1",
+     .idea = "tiled, FlashAttention-1 loop order (O in global memory)",
+     .kind = StageKind::attention,
+     .attention = s4_attention_flash1},
+    {.id = "5",
+     .kernel = "s5_attention_flash2",
+     .idea = "fused FlashAttention-2, state in registers",
+     .kind = StageKind::attention,
+     .attention = s5_attention_flash2},
+    {.id = "6",
+     .kernel = "s6_attention_flash_causal",
+     .idea = "causal tile skipping, diagonal-only masks",
+     .kind = StageKind::attention,
+     .attention = s6_attention_flash_causal},
+};
+
+// The bench's yardstick for stage 1, run through the same check; not a stage of the course.
+const Stage cublas_yardstick = {.id = "cuBLAS",
+                                .kernel = "cublasSgemm",
+                                .idea = "cuBLAS SGEMM (yardstick)",
+                                .kind = StageKind::matmul,
+                                .matmul = cublas_sgemm};
+
+const Stage& find_stage(const std::string_view id) {
+    std::string known;
+    for (const Stage& stage : stages) {
+        if (id == stage.id) return stage;
+        known += std::string(" ") + stage.id;
+    }
+    throw Error("unknown stage '" + std::string(id) + "' (stages:" + known + ")");
+}
+
+// What one run works on. Attention stages take `shape` as it is; stage 0 and 3a work on the score matrix
+// x [B*H*Nq, Nk]; stage 1 on B*H products P [Nq, Nk] @ V [Nk, hd] (1a-1c) or Q [Nq, hd] @ K [Nk, hd]^T (1d).
+struct RunConfig {
+    AttentionShape shape;
+    float score_std =
+        1.0f;  // standard deviation of the scores (and of x); 40 makes a missing max-subtraction overflow
+    uint64_t seed = 1;
+    int timed_runs = 10;   // 0: check only
+    int sample_rows = -1;  // rows checked per sampled head or matrix: 0 = all, -1 = all unless the CPU would be slow
+};
+
+// The reference for out[out_begin ...] and lse[lse_begin ...]: one contiguous piece of the output.
+struct ReferenceSlice {
+    int64_t out_begin = 0;
+    std::vector<float> out;
+    int64_t lse_begin = 0;
+    std::vector<float> lse;
+};
+
+struct Problem {
+    StageKind kind = StageKind::attention;
+    RunConfig config;
+    int rows = 0, cols = 0;                   // stage 0 and 3a: x [rows, cols]
+    float scale = 1.0f;                       // stage 0a: 1 / sqrt(hd)
+    MatmulShape matmul;                       // stage 1
+    DeviceBuffer<float> a, b, c;              // inputs: x | A, B | Q, K, V
+    DeviceBuffer<float> out, lse, workspace;  // outputs and a stage's scratch (S for stage 2; m, l for stage 4)
+    std::vector<ReferenceSlice> expected;
+    int64_t checked_rows = 0, total_rows = 0;
+    double atol = 1e-4, rtol = 1e-3;  // DESIGN.md §7; stage 1 widens atol (see make_matmul_problem)
+    double flops = 0, bytes = 0;      // work of one run, and the DRAM traffic if every input is read once
+    std::string workload;
+};
+
+// Row ranges the reference computes: all of [0, n), or the first and last `sample` rows.
+std::vector<std::pair<int, int>> checked_ranges(const int n, const int sample) {
+    if (sample <= 0 || 2 * sample >= n) return {{0, n}};
+    return {{0, sample}, {n - sample, n}};
+}
+
+// The CPU reference runs at a few GFLOP/s: beyond ~4 GFLOP the bench checks the first and last 256 rows of two heads.
+int resolve_sample(const RunConfig& config, const double reference_flops) {
+    if (config.sample_rows >= 0) return config.sample_rows;
+    return reference_flops > 4e9 ? 256 : 0;
+}
+
+std::vector<float> random_vector(Rng& rng, const size_t n, const float std) {
+    std::vector<float> x(n);
+    for (float& value : x) value = std * rng.normal();
+    return x;
+}
+
+DeviceBuffer<float> to_device(const std::vector<float>& host) {
+    DeviceBuffer<float> buffer(host.size());
+    buffer.upload(host);
+    return buffer;
+}
+
+std::string attention_workload(const AttentionShape& s) {
+    std::string text = "B" + std::to_string(s.B) + " H" + std::to_string(s.H);
+    if (s.G != s.H) text += "/G" + std::to_string(s.G);
+    text += s.Nq == s.Nk ? " N" + std::to_string(s.Nq) : " Nq" + std::to_string(s.Nq) + " Nk" + std::to_string(s.Nk);
+    return text + " d" + std::to_string(s.hd) + (s.causal ? " causal" : "");
+}
+
+// Stage 0 and 3a: x [B*H*Nq, Nk] ~ N(0, score_std^2).
+Problem make_rows_problem(const StageKind kind, const RunConfig& config) {
+    const AttentionShape& s = config.shape;
+    Problem p;
+    p.kind = kind, p.config = config;
+    const int64_t rows = int64_t(s.B) * s.H * s.Nq;
+    check(rows <= INT32_MAX, "stage 0: " + std::to_string(rows) + " rows exceed the grid");
+    p.rows = int(rows), p.cols = s.Nk, p.scale = 1.0f / std::sqrt(float(s.hd));
+    p.workload = "x [" + std::to_string(p.rows) + ", " + std::to_string(p.cols) + "]";
+    const size_t count = size_t(p.rows) * p.cols;
+    Rng rng(config.seed);
+    const std::vector<float> x = random_vector(rng, count, config.score_std);
+    p.a = to_device(x);
+    p.total_rows = p.rows;
+    if (kind == StageKind::elementwise) {
+        ReferenceSlice slice;
+        slice.out.resize(count);
+        for (size_t i = 0; i < count; ++i) slice.out[i] = p.scale * x[i];
+        p.expected.push_back(std::move(slice));
+        p.out = DeviceBuffer<float>(count);
+        p.checked_rows = p.rows, p.flops = double(count), p.bytes = 8.0 * count;
+        return p;
+    }
+    const int sample = resolve_sample(config, 5.0 * count);
+    for (const auto& [r0, r1] : checked_ranges(p.rows, sample)) {
+        ReferenceSlice slice;
+        const std::span<const float> x_rows(x.data() + size_t(r0) * p.cols, size_t(r1 - r0) * p.cols);
+        if (kind == StageKind::row_reduce) {
+            slice.out_begin = r0;
+            for (int r = 0; r < r1 - r0; ++r) {
+                double sum = 0.0;
+                for (int c = 0; c < p.cols; ++c) sum += x_rows[size_t(r) * p.cols + c];
+                slice.out.push_back(float(sum));
+            }
+        } else {
+            slice.out_begin = int64_t(r0) * p.cols;
+            slice.out.resize(x_rows.size());
+            softmax_rows(slice.out, x_rows, r1 - r0, p.cols);
+        }
+        p.checked_rows += r1 - r0;
+        p.expected.push_back(std::move(slice));
+    }
+    const bool reduce = kind == StageKind::row_reduce;
+    p.out = DeviceBuffer<float>(reduce ? size_t(p.rows) : count);
+    p.flops = (reduce ? 1.0 : 5.0) * count;  // softmax: max, subtract, exp, add, divide per element
+    p.bytes = 4.0 * count + 4.0 * (reduce ? p.rows : count);
+    return p;
+}
+
+// Stage 1: B*H products; product z reads B batch z / (H/G). A, B ~ N(0, 1).
+Problem make_matmul_problem(const StageKind kind, const RunConfig& config) {
+    const AttentionShape& s = config.shape;
+    const bool qk = kind == StageKind::matmul_qk;
+    Problem p;
+    p.kind = kind, p.config = config;
+    MatmulShape& m = p.matmul;
+    m.M = s.Nq, m.N = qk ? s.Nk : s.hd, m.K = qk ? s.hd : s.Nk;
+    m.batch = s.B * s.H, m.b_group = s.H / s.G;
+    m.stride_a = int64_t(m.M) * m.K, m.stride_b = int64_t(m.K) * m.N, m.stride_c = int64_t(m.M) * m.N;
+    const int b_batches = m.batch / m.b_group;
+    p.workload = (m.batch > 1 ? std::to_string(m.batch) + " x " : std::string()) + "M" + std::to_string(m.M) + " N" +
+                 std::to_string(m.N) + " K" + std::to_string(m.K) + (qk ? " (B transposed)" : "");
+    Rng rng(config.seed);
+    const std::vector<float> a = random_vector(rng, size_t(m.batch) * m.stride_a, 1.0f);
+    const std::vector<float> b = random_vector(rng, size_t(b_batches) * m.stride_b, 1.0f);
+    p.a = to_device(a), p.b = to_device(b);
+    p.out = DeviceBuffer<float>(size_t(m.batch) * m.stride_c);
+    // A dot product of K unit-size terms carries rounding error that grows like sqrt(K), and the CPU and the GPU sum in
+    // different orders, so the absolute tolerance grows with sqrt(K) (relative to results of size ~ sqrt(K)).
+    p.atol = 1e-4 * std::sqrt(double(m.K));
+    const int sample = resolve_sample(config, 2.0 * m.batch * m.M * m.N * m.K);
+    std::vector<int> batches;
+    for (int z = 0; z < m.batch; ++z)
+        if (sample == 0 || z == 0 || z == m.batch - 1) batches.push_back(z);
+    p.total_rows = int64_t(m.batch) * m.M;
+    for (const int z : batches) {
+        // matmul_forward computes x @ w^T with w [N, K]: that is B itself for 1d, and B transposed for 1a-1c.
+        const float* b_z = b.data() + size_t(z / m.b_group) * m.stride_b;
+        std::vector<float> w(b_z, b_z + m.stride_b);
+        if (!qk)
+            for (int k = 0; k < m.K; ++k)
+                for (int n = 0; n < m.N; ++n) w[size_t(n) * m.K + k] = b_z[size_t(k) * m.N + n];
+        for (const auto& [r0, r1] : checked_ranges(m.M, sample)) {
+            ReferenceSlice slice;
+            slice.out_begin = z * m.stride_c + int64_t(r0) * m.N;
+            slice.out.resize(size_t(r1 - r0) * m.N);
+            matmul_forward(
+                slice.out,
+                std::span<const float>(a.data() + z * m.stride_a + size_t(r0) * m.K, size_t(r1 - r0) * m.K), w,
+                r1 - r0, m.K, m.N);
+            p.checked_rows += r1 - r0;
+            p.expected.push_back(std::move(slice));
+        }
+    }
+    p.flops = 2.0 * m.batch * m.M * m.N * m.K;
+    p.bytes = 4.0 * (double(m.batch) * m.stride_a + double(b_batches) * m.stride_b + double(m.batch) * m.stride_c);
+    return p;
+}
+
+// Query/key pairs that attention evaluates: Nq * Nk, or, when causal, the pairs with j <= i + Nk - Nq.
+double visible_pairs(const AttentionShape& s) {
+    if (!s.causal) return double(s.Nq) * s.Nk;
+    double pairs = 0.0;
+    for (int i = 0; i < s.Nq; ++i) pairs += std::clamp(i + s.Nk - s.Nq + 1, 0, s.Nk);
+    return pairs;
+}
+
+// Attention: Q, K ~ N(0, score_std) so the scores q.k / sqrt(hd) have standard deviation score_std; V ~ N(0, 1).
+Problem make_attention_problem(const RunConfig& config) {
+    const AttentionShape& s = config.shape;
+    check_attention_shape("run", s);
+    Problem p;
+    p.kind = StageKind::attention, p.config = config;
+    p.workload = attention_workload(s);
+    const size_t q_size = size_t(s.H) * s.Nq * s.hd, kv_size = size_t(s.G) * s.Nk * s.hd;  // one sequence
+    Rng rng(config.seed);
+    const float qk_std = std::sqrt(config.score_std);
+    const std::vector<float> q = random_vector(rng, s.B * q_size, qk_std);
+    const std::vector<float> k = random_vector(rng, s.B * kv_size, qk_std);
+    const std::vector<float> v = random_vector(rng, s.B * kv_size, 1.0f);
+    p.a = to_device(q), p.b = to_device(k), p.c = to_device(v);
+    p.out = DeviceBuffer<float>(s.B * q_size);
+    p.lse = DeviceBuffer<float>(size_t(s.B) * s.H * s.Nq);
+    p.total_rows = int64_t(s.B) * s.H * s.Nq;
+    const double pairs = visible_pairs(s);
+    p.flops = 4.0 * s.B * s.H * pairs * s.hd;
+    p.bytes = 4.0 * (2.0 * s.B * q_size + 2.0 * s.B * kv_size + double(s.B) * s.H * s.Nq);
+    const int sample = resolve_sample(config, p.flops);
+    if (sample == 0) {
+        // The whole output: one call of gpt.cpp's attention per sequence (it maps query heads to K/V heads itself).
+        for (int b = 0; b < s.B; ++b) {
+            ReferenceSlice slice;
+            slice.out_begin = b * q_size, slice.out.resize(q_size);
+            slice.lse_begin = int64_t(b) * s.H * s.Nq, slice.lse.resize(size_t(s.H) * s.Nq);
+            attention_forward(slice.out, slice.lse, std::span<const float>(q).subspan(b * q_size, q_size),
+                              std::span<const float>(k).subspan(b * kv_size, kv_size),
+                              std::span<const float>(v).subspan(b * kv_size, kv_size), s.H, s.G, s.Nq, s.Nk, s.hd,
+                              s.causal);
+            p.expected.push_back(std::move(slice));
+        }
+        p.checked_rows = p.total_rows;
+        return p;
+    }
+    // Sampled: rows [r0, r1) of heads (0, 0) and (B-1, H-1). Because causal rows are bottom-right aligned, rows r0..r1-1
+    // against the first min(Nk, r1 + Nk - Nq) keys form a smaller attention problem of the same kind.
+    struct Piece {
+        int b, h, r0, r1;
+    };
+    std::vector<Piece> pieces;
+    for (const auto& [b, h] : {std::pair{0, 0}, std::pair{s.B - 1, s.H - 1}}) {
+        if (!pieces.empty() && pieces.front().b == b && pieces.front().h == h) break;
+        for (const auto& [r0, r1] : checked_ranges(s.Nq, sample)) pieces.push_back({b, h, r0, r1});
+    }
+    p.expected.resize(pieces.size());
+    parallel_for(int(pieces.size()), p.flops, [&](const int index) {
+        const auto [b, h, r0, r1] = pieces[index];
+        const int rows = r1 - r0, keys = s.causal ? std::min(s.Nk, r1 + s.Nk - s.Nq) : s.Nk;
+        const size_t head = size_t(b) * s.H + h, kv_head = size_t(b) * s.G + h / (s.H / s.G);
+        ReferenceSlice& slice = p.expected[index];
+        slice.out_begin = (head * s.Nq + r0) * s.hd, slice.out.assign(size_t(rows) * s.hd, 0.0f);
+        slice.lse_begin = head * s.Nq + r0, slice.lse.assign(rows, -std::numeric_limits<float>::infinity());
+        if (keys <= 0) return;  // no row of the piece sees a key
+        attention_forward(slice.out, slice.lse,
+                          std::span<const float>(q).subspan((head * s.Nq + r0) * s.hd, size_t(rows) * s.hd),
+                          std::span<const float>(k).subspan(kv_head * s.Nk * s.hd, size_t(keys) * s.hd),
+                          std::span<const float>(v).subspan(kv_head * s.Nk * s.hd, size_t(keys) * s.hd), 1, 1, rows,
+                          keys, s.hd, s.causal);
+    });
+    for (const Piece& piece : pieces) p.checked_rows += piece.r1 - piece.r0;
+    return p;
+}
+
+Problem make_problem(const StageKind kind, const RunConfig& config) {
+    switch (kind) {
+        case StageKind::elementwise:
+        case StageKind::row_reduce:
+        case StageKind::row_softmax: return make_rows_problem(kind, config);
+        case StageKind::matmul:
+        case StageKind::matmul_qk: return make_matmul_problem(kind, config);
+        case StageKind::attention: return make_attention_problem(config);
+    }
+    throw Error("unknown stage kind");
+}
+
+void launch_stage(const Stage& stage, Problem& p) {
+    switch (stage.kind) {
+        case StageKind::elementwise:
+            stage.elementwise(p.out.data, p.a.data, p.scale, int64_t(p.rows) * p.cols);
+            return;
+        case StageKind::row_reduce:
+        case StageKind::row_softmax: stage.rows(p.out.data, p.a.data, p.rows, p.cols); return;
+        case StageKind::matmul:
+        case StageKind::matmul_qk: stage.matmul(p.out.data, p.a.data, p.b.data, p.matmul); return;
+        case StageKind::attention:
+            stage.attention(p.out.data, p.lse.data, p.a.data, p.b.data, p.c.data, p.config.shape, p.workspace);
+            return;
+    }
+}
+
+struct StageResult {
+    bool passed = true;
+    std::string failure;                          // the first value out of tolerance, when !passed
+    double max_error = 0.0, max_lse_error = 0.0;  // largest |gpu - cpu| over the checked values
+    int64_t checked_rows = 0, total_rows = 0;
+    double ms = 0.0, tflops = 0.0, gbps = 0.0;  // median time of the timed runs; 0 when not timed
+};
+
+// |gpu - ref| <= atol + rtol |ref|, written so that NaN fails; equal infinities (the LSE of a row that sees no key) pass.
+bool close_enough(const float gpu, const float ref, const double atol, const double rtol) {
+    if (gpu == ref) return true;
+    return std::fabs(double(gpu) - double(ref)) <= atol + rtol * std::fabs(double(ref));
+}
+
+// Compares one output against its reference slices, and checks that no value anywhere is NaN (the poison of an
+// element that was never written).
+void compare_output(StageResult& result, double& max_error, const char* name, const std::vector<float>& gpu,
+                    const std::vector<ReferenceSlice>& expected, const bool lse, const Problem& p) {
+    for (const ReferenceSlice& slice : expected) {
+        const std::vector<float>& ref = lse ? slice.lse : slice.out;
+        const int64_t begin = lse ? slice.lse_begin : slice.out_begin;
+        for (size_t i = 0; i < ref.size(); ++i) {
+            const float value = gpu[begin + i];
+            if (value != ref[i])
+                max_error = std::max(max_error, std::isnan(value) ? INFINITY : std::fabs(double(value) - ref[i]));
+            if (result.passed && !close_enough(value, ref[i], p.atol, p.rtol)) {
+                result.passed = false;
+                result.failure = std::string(name) + "[" + std::to_string(begin + i) +
+                                 "] = " + std::to_string(value) + ", expected " + std::to_string(ref[i]);
+            }
+        }
+    }
+    for (size_t i = 0; i < gpu.size() && result.passed; ++i)
+        if (std::isnan(gpu[i])) {
+            result.passed = false;
+            result.failure = std::string(name) + "[" + std::to_string(i) + "] is NaN (never written, or not finite)";
+        }
+}
+
+// Median time of `runs` launches, after one warm-up; L2 is flushed before each, so no run finds its inputs cached.
+double median_ms(const Stage& stage, Problem& p, const int runs) {
+    struct Event {
+        cudaEvent_t event = nullptr;
+        Event() { CUDA_CHECK(cudaEventCreate(&event)); }
+        ~Event() { cudaEventDestroy(event); }
+    };
+    constexpr size_t flush_bytes = size_t(256) << 20;  // several times the 50 MB L2 of an H100
+    DeviceBuffer<char> flush(flush_bytes);
+    Event start, stop;
+    launch_stage(stage, p);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<double> times;
+    for (int run = 0; run < runs; ++run) {
+        CUDA_CHECK(cudaMemsetAsync(flush.data, run & 0xff, flush_bytes));
+        CUDA_CHECK(cudaEventRecord(start.event));
+        launch_stage(stage, p);
+        CUDA_CHECK(cudaEventRecord(stop.event));
+        CUDA_CHECK(cudaEventSynchronize(stop.event));
+        float ms = 0.0f;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, start.event, stop.event));
+        times.push_back(ms);
+    }
+    std::sort(times.begin(), times.end());
+    return runs % 2 ? times[runs / 2] : 0.5 * (times[runs / 2 - 1] + times[runs / 2]);
+}
+
+// Runs `stage` on a problem made for its kind: poison the outputs, launch, check against the reference, then time.
+StageResult run_stage(const Stage& stage, Problem& p) {
+    check(stage.kind == p.kind, std::string("stage ") + stage.id + ": problem made for another kind of stage");
+    StageResult result;
+    result.checked_rows = p.checked_rows, result.total_rows = p.total_rows;
+    p.out.poison();
+    if (p.lse.count) p.lse.poison();
+    launch_stage(stage, p);
+    CUDA_CHECK(cudaDeviceSynchronize());  // errors inside the kernel (a bad address, say) surface here
+    std::vector<float> out(p.out.count);
+    p.out.download(out);
+    compare_output(result, result.max_error, "out", out, p.expected, false, p);
+    if (p.lse.count) {
+        std::vector<float> lse(p.lse.count);
+        p.lse.download(lse);
+        compare_output(result, result.max_lse_error, "lse", lse, p.expected, true, p);
+    }
+    if (result.passed && p.config.timed_runs > 0) {
+        result.ms = median_ms(stage, p, p.config.timed_runs);
+        result.tflops = p.flops / (result.ms * 1e-3) * 1e-12;
+        result.gbps = p.bytes / (result.ms * 1e-3) * 1e-9;
+    }
+    return result;
+}
+
+// The CLI's `run` and the GPU tests: make the inputs and the reference, then run.
+StageResult run_stage(const Stage& stage, const RunConfig& config) {
+    Problem problem = make_problem(stage.kind, config);
+    return run_stage(stage, problem);
+}
+
+// ==== Bench and CLI ====
+// ./gpt_cuda bench runs every stage on the issue's shapes and writes the table as Markdown and as an SVG bar chart.
+// % of peak is against the fp32 FMA peak for matmul and attention, and against DRAM bandwidth for the memory-bound
+// stages (0a-0c, 3a). "x prev" is the speed-up over the previous stage of the same kind on the same workload.
+
+struct DevicePeaks {
+    std::string name;
+    int sms = 0;
+    double clock_mhz = 0.0, fp32_tflops = 0.0, dram_gbps = 0.0;
+};
+
+DevicePeaks device_peaks() {
+    int device = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    int clock_khz = 0, memory_clock_khz = 0, bus_bits = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&memory_clock_khz, cudaDevAttrMemoryClockRate, device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device));
+    const int fp32_lanes = (prop.major == 8 && prop.minor == 0) ? 64 : 128;  // FP32 FMA lanes per SM (A100: 64)
+    DevicePeaks peaks;
+    peaks.name = prop.name, peaks.sms = prop.multiProcessorCount, peaks.clock_mhz = clock_khz * 1e-3;
+    peaks.fp32_tflops = 2.0 * peaks.sms * fp32_lanes * clock_khz * 1e3 * 1e-12;
+    peaks.dram_gbps = 2.0 * memory_clock_khz * 1e3 * (bus_bits / 8) * 1e-9;  // double data rate
+    return peaks;
+}
+
+struct CudaBenchRow {
+    std::string stage, kernel, workload;
+    StageKind kind = StageKind::attention;
+    bool yardstick = false;
+    StageResult result;
+    double speedup = 0.0;  // over the previous stage of the same kind and workload; 0 when there is none
+    double peak_percent = 0.0;
+};
+
+bool memory_bound(const StageKind kind) {
+    return kind == StageKind::elementwise || kind == StageKind::row_reduce || kind == StageKind::row_softmax;
+}
+
+std::string format(const char* pattern, const double value) {
+    char text[64];
+    std::snprintf(text, sizeof(text), pattern, value);
+    return text;
+}
+
+std::string today() {
+    const std::time_t now = std::time(nullptr);
+    char text[16];
+    std::strftime(text, sizeof(text), "%Y-%m-%d", std::gmtime(&now));
+    return text;
+}
+
+std::string bench_markdown(const std::vector<CudaBenchRow>& rows, const DevicePeaks& peaks,
+                           const std::string& command) {
+    std::string md =
+        "Measured on " + peaks.name + " (" + std::to_string(peaks.sms) + " SMs, fp32 peak " +
+        format("%.1f", peaks.fp32_tflops) + " TFLOP/s = SMs x 128 FMA x 2 x " + format("%.0f", peaks.clock_mhz) +
+        " MHz; DRAM " + format("%.0f", peaks.dram_gbps) + " GB/s), " + today() + ", `" + command +
+        "`. Median of 10 runs after a warm-up, L2 flushed before each; max error is the largest |gpu - cpu| "
+        "over the checked values (attention: the output; LSE is checked too).\n\n";
+    md += "| stage | kernel | workload | ms | TFLOP/s | % of peak | GB/s | x prev | max error |\n";
+    md += "|---|---|---|---:|---:|---:|---:|---:|---:|\n";
+    for (const CudaBenchRow& row : rows) {
+        const StageResult& r = row.result;
+        md += "| " + row.stage + " | `" + row.kernel + "` | " + row.workload + " | ";
+        if (!r.passed) {
+            md += "failed | | | | | " + r.failure + " |\n";
+            continue;
+        }
+        md += format("%.3f", r.ms) + " | " + format(r.tflops < 1 ? "%.3f" : "%.1f", r.tflops) + " | " +
+              format("%.0f%%", row.peak_percent) + " | " + format("%.0f", r.gbps) + " | " +
+              (row.speedup > 0 ? format("%.2f", row.speedup) : std::string("-")) + " | " +
+              format("%.1e", r.max_error) + " |\n";
+    }
+    return md;
+}
+
+std::string bench_json(const std::vector<CudaBenchRow>& rows, const DevicePeaks& peaks) {
+    std::string json = "{\"device\": " + json_quote(peaks.name) + ", \"date\": " + json_quote(today()) +
+                       ", \"fp32_peak_tflops\": " + format("%.3f", peaks.fp32_tflops) +
+                       ", \"dram_peak_gbps\": " + format("%.1f", peaks.dram_gbps) + ", \"rows\": [";
+    for (size_t i = 0; i < rows.size(); ++i) {
+        const CudaBenchRow& row = rows[i];
+        const StageResult& r = row.result;
+        json +=
+            std::string(i ? ", " : "") + "\n  {\"stage\": " + json_quote(row.stage) +
+            ", \"kernel\": " + json_quote(row.kernel) + ", \"workload\": " + json_quote(row.workload) +
+            ", \"passed\": " + (r.passed ? "true" : "false") + ", \"ms\": " + format("%.6g", r.ms) +
+            ", \"tflops\": " + format("%.6g", r.tflops) + ", \"gbps\": " + format("%.6g", r.gbps) +
+            ", \"peak_percent\": " + format("%.4g", row.peak_percent) +
+            ", \"speedup\": " + format("%.4g", row.speedup) +
+            ", \"max_error\": " + (std::isfinite(r.max_error) ? format("%.4g", r.max_error) : "null") +
+            ", \"max_lse_error\": " + (std::isfinite(r.max_lse_error) ? format("%.4g", r.max_lse_error) : "null") +
+            "}";
+    }
+    return json + "\n]}\n";
+}
+
+// Horizontal bars of TFLOP/s for the compute-bound rows (stage 1 and attention), one bar per row, a gap between
+// workloads, one colour per stage (cuBLAS grey) and a dashed line at the fp32 peak.
+std::string bench_svg(const std::vector<CudaBenchRow>& rows, const DevicePeaks& peaks) {
+    constexpr int width = 980, label_width = 300, bar_height = 18, gap = 4, group_gap = 12, top = 50;
+    const std::map<std::string, const char*> colors = {
+        {"cuBLAS", "#9e9e9e"}, {"1a", "#e57373"}, {"1b", "#ffb74d"}, {"1c", "#81c784"}, {"1d", "#4db6ac"},
+        {"2", "#e57373"},      {"3b", "#ffb74d"}, {"4", "#fff176"},  {"5", "#81c784"},  {"6", "#4fc3f7"}};
+    std::vector<const CudaBenchRow*> bars;
+    int groups = 0;
+    for (const CudaBenchRow& row : rows)
+        if (!memory_bound(row.kind) && row.result.passed) {
+            groups += bars.empty() || bars.back()->workload != row.workload;
+            bars.push_back(&row);
+        }
+    const int height = top + int(bars.size()) * (bar_height + gap) + groups * group_gap + 30;
+    const double scale = (width - label_width - 60) / peaks.fp32_tflops;
+    std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + std::to_string(width) + "\" height=\"" +
+                      std::to_string(height) + "\" font-family=\"sans-serif\" font-size=\"12\">\n";
+    svg += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
+    svg += "<text x=\"10\" y=\"20\" font-size=\"15\">gpt_cuda bench: fp32 TFLOP/s on " + peaks.name + ", " + today() +
+           " (dashed line: peak " + format("%.1f", peaks.fp32_tflops) + ")</text>\n";
+    const int peak_x = label_width + int(peaks.fp32_tflops * scale);
+    svg += "<line x1=\"" + std::to_string(peak_x) + "\" y1=\"" + std::to_string(top - 8) + "\" x2=\"" +
+           std::to_string(peak_x) + "\" y2=\"" + std::to_string(height - 20) +
+           "\" stroke=\"#555\" stroke-dasharray=\"4 3\"/>\n";
+    int y = top - group_gap;
+    for (size_t i = 0; i < bars.size(); ++i) {
+        const CudaBenchRow& row = *bars[i];
+        if (i == 0 || bars[i - 1]->workload != row.workload) y += group_gap;
+        const int w = std::max(1, int(row.result.tflops * scale));
+        const auto color = colors.find(row.stage);
+        svg += "<text x=\"10\" y=\"" + std::to_string(y + 13) + "\">" + row.stage + "  " + row.workload + "</text>\n";
+        svg += "<rect x=\"" + std::to_string(label_width) + "\" y=\"" + std::to_string(y) + "\" width=\"" +
+               std::to_string(w) + "\" height=\"" + std::to_string(bar_height) + "\" fill=\"" +
+               (color == colors.end() ? "#7986cb" : color->second) + "\"/>\n";
+        svg += "<text x=\"" + std::to_string(label_width + w + 5) + "\" y=\"" + std::to_string(y + 13) + "\">" +
+               format(row.result.tflops < 1 ? "%.2f" : "%.1f", row.result.tflops) + "</text>\n";
+        y += bar_height + gap;
+    }
+    return svg + "</svg>\n";
+}
+
+struct BenchOptions {
+    bool json = false, quick = false;
+    std::string out_dir = "out";
+    std::set<std::string> only;  // stage ids to run; empty = all
+};
+
+std::vector<CudaBenchRow> run_bench(const BenchOptions& options, const DevicePeaks& peaks) {
+    std::vector<CudaBenchRow> rows;
+    const auto wanted = [&](const Stage& stage) { return options.only.empty() || options.only.count(stage.id); };
+    const auto run_group = [&](const StageKind kind, const RunConfig& config,
+                               const std::vector<const Stage*>& group) {
+        std::vector<const Stage*> selected;
+        for (const Stage* stage : group)
+            if (wanted(*stage)) selected.push_back(stage);
+        if (selected.empty()) return;
+        Problem problem = make_problem(kind, config);
+        for (const Stage* stage : selected) {
+            CudaBenchRow row;
+            row.stage = stage->id, row.kernel = stage->kernel, row.workload = problem.workload;
+            row.kind = kind, row.yardstick = stage == &cublas_yardstick;
+            try {
+                row.result = run_stage(*stage, problem);
+            } catch (const Error& e) {  // a stage that cannot take this workload gets a failed row; the bench goes on
+                row.result.passed = false, row.result.failure = e.what();
+            }
+            const StageResult& r = row.result;
+            row.peak_percent = 100.0 * (memory_bound(kind) ? r.gbps / peaks.dram_gbps : r.tflops / peaks.fp32_tflops);
+            for (auto it = rows.rbegin(); it != rows.rend(); ++it)
+                if (it->kind == kind && it->workload == row.workload && !it->yardstick && !row.yardstick) {
+                    if (it->result.passed && r.passed && r.ms > 0) row.speedup = it->result.ms / r.ms;
+                    break;
+                }
+            std::fprintf(stderr, "%-6s %-28s %-32s %s %9.3f ms %8.2f TFLOP/s %7.0f GB/s  err %.1e\n",
+                         row.stage.c_str(), row.kernel.c_str(), row.workload.c_str(), r.passed ? "ok  " : "FAIL",
+                         r.ms, r.tflops, r.gbps, r.max_error);
+            if (!r.passed) std::fprintf(stderr, "       %s\n", r.failure.c_str());
+            rows.push_back(std::move(row));
+        }
+    };
+    const auto stage = [](const char* id) { return &find_stage(id); };
+    RunConfig config;
+    // Stage 0 and 3a on the score matrix of the first attention shape: x [B*H*N, N].
+    config.shape =
+        options.quick ? AttentionShape{1, 12, 12, 1024, 1024, 64} : AttentionShape{8, 12, 12, 1024, 1024, 64};
+    run_group(StageKind::elementwise, config, {stage("0a")});
+    run_group(StageKind::row_reduce, config, {stage("0b")});
+    run_group(StageKind::row_softmax, config, {stage("0c"), stage("3a")});
+    // Stage 1 at 4096^3, next to cuBLAS.
+    const int n = options.quick ? 2048 : 4096;
+    config.shape = AttentionShape{1, 1, 1, n, n, n};
+    run_group(StageKind::matmul, config, {&cublas_yardstick, stage("1a"), stage("1b"), stage("1c")});
+    run_group(StageKind::matmul_qk, config, {stage("1d")});
+    // Attention stages on the issue's shapes, causal and not.
+    std::vector<AttentionShape> shapes = {{8, 12, 12, 1024, 1024, 64}};
+    if (!options.quick) shapes.push_back({4, 16, 16, 4096, 4096, 64}), shapes.push_back({2, 16, 16, 8192, 8192, 128});
+    for (AttentionShape shape : shapes)
+        for (const bool causal : {false, true}) {
+            shape.causal = causal, config.shape = shape;
+            run_group(StageKind::attention, config, {stage("2"), stage("3b"), stage("4"), stage("5"), stage("6")});
+        }
+    return rows;
+}
+
+// The command line reuses gpt.cpp's flag tables (Command, FlagSpec), parser (parse_flags) and UsageError.
+std::vector<Command> cuda_commands() {
+    return {
+        {"run",
+         "run one stage on random inputs, check it against gpt.cpp's attention, time it",
+         {{"--stage", "", "stage id: 0a 0b 0c 1a 1b 1c 1d 2 3a 3b 4 5 6 (required)"},
+          {"--batch", "1", "B, sequences"},
+          {"--heads", "4", "H, query heads"},
+          {"--kv-heads", "", "G, key/value heads, dividing H (default H)"},
+          {"--n", "1024", "Nq, query rows"},
+          {"--nk", "", "Nk, keys (default Nq)"},
+          {"--d", "64", "hd, head size (stages 3b-6 take 32, 64, 80, 128)"},
+          {"--causal", "", "causal mask, bottom-right aligned when Nq != Nk", true},
+          {"--score-std", "1", "standard deviation of the scores (40 needs the max-subtraction)"},
+          {"--seed", "1", "seed of the random inputs"},
+          {"--runs", "10", "timed runs, the median is reported (0: check only)"},
+          {"--check-rows", "-1",
+           "rows checked per head: 0 all, -1 all unless the CPU reference would be slow (then 256)"}}},
+        {"bench",
+         "every stage on the standard shapes; writes cuda_bench.md, .svg and .json",
+         {{"--json", "", "print the table as JSON instead of Markdown", true},
+          {"--out", "out", "folder for cuda_bench.md, cuda_bench.svg and cuda_bench.json"},
+          {"--stages", "", "only these stage ids, comma-separated, e.g. 5,6 (default all)"},
+          {"--quick", "", "smaller shapes: the first attention shape only, matmul at 2048^3", true}}},
+        {"stages", "list the stages", {}},
+    };
+}
+
+std::string cuda_usage() {
+    std::string text =
+        "usage: ./gpt_cuda command [flags]   attention on the GPU, stage by stage, checked against gpt.cpp\n"
+        "Stage 0 and 3a work on the score matrix [B*H*Nq, Nk]; stages 1a-1c on B*H products [Nq, Nk] x [Nk, hd],\n"
+        "1d on [Nq, hd] x [Nk, hd]^T; stages 2-6 on Q [B, H, Nq, hd], K and V [B, G, Nk, hd].\n";
+    for (const Command& command : cuda_commands()) {
+        text += "\n./gpt_cuda " + command.name + ": " + command.summary + "\n";
+        for (const FlagSpec& flag : command.flags) {
+            std::string left = "  " + flag.name + (flag.is_switch ? "" : " X");
+            left.resize(std::max<size_t>(left.size() + 1, 18), ' ');
+            text +=
+                left + flag.help + (flag.default_value.empty() ? "" : " (default " + flag.default_value + ")") + "\n";
+        }
+    }
+    return text;
+}
+
+int cmd_cuda_run(const Flags& flags) {
+    if (!flags.has("--stage")) throw UsageError("run needs --stage");
+    const Stage& stage = find_stage(flags.text("--stage"));
+    RunConfig config;
+    AttentionShape& s = config.shape;
+    s.B = flags.positive("--batch"), s.H = flags.positive("--heads");
+    s.G = flags.has("--kv-heads") ? flags.positive("--kv-heads") : s.H;
+    s.Nq = flags.positive("--n"), s.Nk = flags.has("--nk") ? flags.positive("--nk") : s.Nq,
+    s.hd = flags.positive("--d");
+    s.causal = flags.has("--causal");
+    config.score_std = float(flags.real("--score-std"));
+    config.seed = flags.seed("--seed");
+    config.timed_runs = flags.integer("--runs");
+    config.sample_rows = flags.integer("--check-rows");
+    check_attention_shape(stage.id, s);
+    check(cuda_device_available(), "no CUDA device found");
+    set_thread_count(int(std::max(1u, std::thread::hardware_concurrency())));  // for the CPU reference
+    const DevicePeaks peaks = device_peaks();
+    Problem problem = make_problem(stage.kind, config);
+    const StageResult r = run_stage(stage, problem);
+    std::printf("stage %s (%s): %s\n", stage.id, stage.kernel, stage.idea);
+    std::printf("workload: %s, scores ~ N(0, %g^2), seed %" PRIu64 ", on %s\n", problem.workload.c_str(),
+                config.score_std, config.seed, peaks.name.c_str());
+    std::printf("check:    %s, max |error| %.2e (out)", r.passed ? "passed" : "FAILED", r.max_error);
+    if (problem.lse.count) std::printf(", %.2e (lse)", r.max_lse_error);
+    std::printf("; %" PRId64 " of %" PRId64 " rows checked (atol %.1e, rtol %.0e)\n", r.checked_rows, r.total_rows,
+                problem.atol, problem.rtol);
+    if (!r.passed) {
+        std::printf("          first failure: %s\n", r.failure.c_str());
+        return 1;
+    }
+    if (r.ms > 0) {
+        const bool memory = memory_bound(stage.kind);
+        std::printf("time:     %.3f ms (median of %d), %.2f TFLOP/s, %.0f GB/s, %.1f%% of the %s peak\n", r.ms,
+                    config.timed_runs, r.tflops, r.gbps,
+                    100.0 * (memory ? r.gbps / peaks.dram_gbps : r.tflops / peaks.fp32_tflops),
+                    memory ? "DRAM" : "fp32");
+    }
+    return 0;
+}
+
+int cmd_cuda_bench(const Flags& flags, const std::vector<std::string>& args) {
+    BenchOptions options;
+    options.json = flags.has("--json"), options.quick = flags.has("--quick"), options.out_dir = flags.text("--out");
+    std::stringstream list(flags.text("--stages"));
+    for (std::string id; std::getline(list, id, ',');) options.only.insert(find_stage(id).id);
+    check(cuda_device_available(), "no CUDA device found");
+    set_thread_count(int(std::max(1u, std::thread::hardware_concurrency())));  // for the CPU reference
+    const DevicePeaks peaks = device_peaks();
+    std::string command = "./gpt_cuda bench";
+    for (const std::string& arg : args) command += " " + arg;
+    const std::vector<CudaBenchRow> rows = run_bench(options, peaks);
+    const std::string markdown = bench_markdown(rows, peaks, command), json = bench_json(rows, peaks);
+    std::filesystem::create_directories(options.out_dir);
+    write_file_atomically(options.out_dir + "/cuda_bench.md", markdown);
+    write_file_atomically(options.out_dir + "/cuda_bench.svg", bench_svg(rows, peaks));
+    write_file_atomically(options.out_dir + "/cuda_bench.json", json);
+    std::fputs(options.json ? json.c_str() : markdown.c_str(), stdout);
+    for (const CudaBenchRow& row : rows)
+        if (!row.result.passed) return 1;
+    return 0;
+}
+
+int cmd_cuda_stages() {
+    for (const Stage& stage : stages) std::printf("%-3s %-28s %s\n", stage.id, stage.kernel, stage.idea);
+    return 0;
+}
+
+int run_cuda_command_line(const std::vector<std::string>& args) {
+    if (args.empty()) throw UsageError("no command given");
+    for (const std::string& arg : args)
+        if (arg == "--help" || arg == "-h" || arg == "help") {
+            std::fputs(cuda_usage().c_str(), stdout);
+            return 0;
+        }
+    const std::vector<Command> commands = cuda_commands();
+    const auto command =
+        std::find_if(commands.begin(), commands.end(), [&](const Command& c) { return c.name == args[0]; });
+    if (command == commands.end()) throw UsageError("unknown command '" + args[0] + "'");
+    const std::vector<std::string> rest(args.begin() + 1, args.end());
+    const Flags flags = parse_flags(*command, rest);
+    if (command->name == "run") return cmd_cuda_run(flags);
+    if (command->name == "bench") return cmd_cuda_bench(flags, rest);
+    return cmd_cuda_stages();
+}
+
+#ifndef GPT_NO_MAIN
+int main(int argc, char** argv) {
+    try {
+        return run_cuda_command_line(std::vector<std::string>(argv + 1, argv + argc));
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "error: %s\n\n%s", e.what(), cuda_usage().c_str());
+        return 2;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
+#endif
