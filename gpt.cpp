@@ -1512,7 +1512,7 @@ Tokenizer tokenizer_from_json(const std::string& text, const std::string& where)
     } catch (const Error& e) {
         throw Error(where + "tokenizer is not valid JSON (" + e.what() + ")");
     }
-    const std::string& type = json_string(json.find("type"), where + "tokenizer type");
+    const std::string type = json_string(json.find("type"), where + "tokenizer type");
     check(type == "char", where + "tokenizer type '" + type + "' is not supported");
     const std::vector<char32_t> chars = utf8_decode(json_string(json.find("chars"), where + "tokenizer chars"));
     Tokenizer tokenizer = make_char_tokenizer(chars);
