@@ -21,6 +21,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <functional>
 #include <limits>
 #include <map>
@@ -29,6 +30,7 @@
 #include <numbers>
 #include <numeric>
 #include <optional>
+#include <queue>
 #include <set>
 #include <span>
 #include <sstream>
@@ -36,6 +38,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unordered_map>
 #include <unistd.h>  // isatty: the only non-standard call, used to choose a live progress line
 #include <utility>
 #include <variant>
@@ -321,27 +324,41 @@ DocumentSplit split_documents(const std::vector<std::string>& documents) {
     return split;
 }
 
-// ==== 4. Tokenizer: characters ====
-// The char tokenizer (DESIGN.md §2): the vocabulary is the sorted set of Unicode code points in the whole
-// data file, ids 0..n-1, and EOT = n. Text is UTF-8; invalid UTF-8 is an error, not a guess.
+// ==== 4. Tokenizers: characters and byte-level BPE ====
+// Two tokenizers (DESIGN.md §2). char: the vocabulary is the sorted set of Unicode code points in the data
+// file's documents, ids 0..n-1, EOT = n; text is UTF-8, and invalid UTF-8 or an unknown character is an error.
+// bpe: ids 0..255 are bytes, merge r joins two ids into id 256 + r, EOT = 256 + #merges; any byte string
+// can be encoded, and decode(encode(s)) == s.
+
+// The UTF-8 character starting at byte i: its code point and length in bytes, or length 0 where the bytes
+// are not valid UTF-8 (a stray continuation byte, a truncated sequence, an overlong form, a surrogate).
+struct Utf8Char {
+    char32_t code_point = 0;
+    int length = 0;
+};
+
+Utf8Char utf8_next(const std::string_view text, const size_t i) {
+    const auto byte = [&](size_t j) { return static_cast<unsigned char>(text[j]); };
+    const unsigned char lead = byte(i);
+    const int length = lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 0;
+    if (length == 0 || i + length > text.size()) return {};
+    char32_t c = length == 1 ? lead : lead & (0x7F >> length);
+    for (int j = 1; j < length; ++j) {
+        if ((byte(i + j) & 0xC0) != 0x80) return {};
+        c = (c << 6) | (byte(i + j) & 0x3F);
+    }
+    constexpr char32_t smallest[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (c < smallest[length] || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return {};
+    return {c, length};
+}
 
 std::vector<char32_t> utf8_decode(const std::string_view text) {
     std::vector<char32_t> code_points;
     for (size_t i = 0; i < text.size();) {
-        const auto byte = [&](size_t j) { return static_cast<unsigned char>(text[j]); };
-        const unsigned char lead = byte(i);
-        const int length = lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 0;
-        check(length > 0 && i + length <= text.size(), "invalid UTF-8 at byte " + std::to_string(i));
-        char32_t c = length == 1 ? lead : lead & (0x7F >> length);
-        for (int j = 1; j < length; ++j) {
-            check((byte(i + j) & 0xC0) == 0x80, "invalid UTF-8 at byte " + std::to_string(i + j));
-            c = (c << 6) | (byte(i + j) & 0x3F);
-        }
-        constexpr char32_t smallest[] = {0, 0, 0x80, 0x800, 0x10000};
-        check(c >= smallest[length] && c <= 0x10FFFF && !(c >= 0xD800 && c <= 0xDFFF),
-              "invalid UTF-8 (overlong or out of range) at byte " + std::to_string(i));
-        code_points.push_back(c);
-        i += length;
+        const Utf8Char c = utf8_next(text, i);
+        check(c.length > 0, "invalid UTF-8 at byte " + std::to_string(i));
+        code_points.push_back(c.code_point);
+        i += c.length;
     }
     return code_points;
 }
@@ -373,10 +390,17 @@ std::string describe_code_point(const char32_t c) {
 }
 
 struct Tokenizer {
-    std::vector<char32_t> chars;        // id -> code point, sorted
-    std::map<char32_t, int> ids;        // code point -> id
+    bool is_bpe = false;
+    // char: id -> code point (sorted) and code point -> id
+    std::vector<char32_t> chars;
+    std::map<char32_t, int> ids;
+    // bpe: merge r joins (left, right) into id 256 + r; pieces[id] are the bytes a token stands for
+    std::vector<std::pair<int, int>> merges;
+    std::vector<std::string> pieces;
+    std::unordered_map<uint64_t, int> merge_rank;                          // pair key -> r
+    mutable std::unordered_map<std::string, std::vector<int>> chunk_cache;  // encode: chunk -> ids, filled as it goes
 
-    int eot() const { return static_cast<int>(chars.size()); }
+    int eot() const { return is_bpe ? 256 + static_cast<int>(merges.size()) : static_cast<int>(chars.size()); }
     int vocab_size() const { return eot() + 1; }
 };
 
@@ -396,8 +420,197 @@ Tokenizer build_char_tokenizer(const std::vector<std::string>& documents) {
     return make_char_tokenizer({seen.begin(), seen.end()});
 }
 
+// ---- Byte-level BPE: chunks ----
+// Merges never cross a chunk boundary. Chunks (GPT-2 style, read left to right, first rule that applies):
+//   1. a contraction: ' followed by s, t, m, d, re, ve or ll;
+//   2. an optional single space, then a run of letters, or a run of digits, or a run of symbols;
+//   3. a run of whitespace; when non-space follows, the run's last character is left for the next chunk
+//      (a space there joins the word after it, as in rule 2).
+// Letters: A-Z, a-z and every non-ASCII character except U+0080-U+00BF, U+00D7, U+00F7, U+2000-U+2BFF and
+// U+3000-U+303F (punctuation and symbols). Digits: 0-9. Whitespace: space, \t, \n, \v, \f, \r. Everything
+// else, including each byte that is not valid UTF-8, is a symbol.
+enum class CharClass { letter, digit, space, symbol };
+
+struct ClassifiedChar {
+    int length;
+    CharClass kind;
+};
+
+ClassifiedChar classify_char(const std::string_view text, const size_t i) {
+    const Utf8Char c = utf8_next(text, i);
+    if (c.length == 0) return {1, CharClass::symbol};
+    const char32_t x = c.code_point;
+    if ((x >= 'a' && x <= 'z') || (x >= 'A' && x <= 'Z')) return {1, CharClass::letter};
+    if (x >= '0' && x <= '9') return {1, CharClass::digit};
+    if (x == ' ' || (x >= '\t' && x <= '\r')) return {1, CharClass::space};
+    const bool symbol = x < 0xC0 || x == 0xD7 || x == 0xF7 || (x >= 0x2000 && x <= 0x2BFF) || (x >= 0x3000 && x <= 0x303F);
+    return {c.length, symbol ? CharClass::symbol : CharClass::letter};
+}
+
+std::vector<std::string_view> split_chunks(const std::string_view text) {
+    std::vector<std::string_view> chunks;
+    const auto kind_at = [&](size_t i) { return classify_char(text, i).kind; };
+    for (size_t i = 0; i < text.size();) {
+        size_t end = i;
+        if (text[i] == '\'') {  // 1. contractions
+            for (const std::string_view suffix : {"re", "ve", "ll", "s", "t", "m", "d"})
+                if (text.substr(i + 1, suffix.size()) == suffix) {
+                    end = i + 1 + suffix.size();
+                    break;
+                }
+        }
+        if (end == i) {
+            size_t j = i;
+            if (text[j] == ' ' && j + 1 < text.size() && kind_at(j + 1) != CharClass::space) ++j;  // the space joins the word
+            const CharClass kind = kind_at(j);
+            if (kind != CharClass::space) {  // 2. a run of one class
+                while (j < text.size() && kind_at(j) == kind) j += classify_char(text, j).length;
+                end = j;
+            } else {  // 3. whitespace
+                while (j < text.size() && kind_at(j) == CharClass::space) ++j;
+                end = (j < text.size() && j - i >= 2) ? j - 1 : j;
+            }
+        }
+        chunks.push_back(text.substr(i, end - i));
+        i = end;
+    }
+    return chunks;
+}
+
+// ---- Byte-level BPE: merges ----
+uint64_t pair_key(const int left, const int right) { return uint64_t(uint32_t(left)) << 32 | uint32_t(right); }
+
+// Replaces every (left, right) in ids, scanning left to right, by merged. Returns whether anything changed.
+bool replace_pair(std::vector<int>& ids, const int left, const int right, const int merged) {
+    size_t out = 0;
+    bool changed = false;
+    for (size_t i = 0; i < ids.size(); ++i) {
+        if (i + 1 < ids.size() && ids[i] == left && ids[i + 1] == right) {
+            ids[out++] = merged;
+            ++i;
+            changed = true;
+        } else {
+            ids[out++] = ids[i];
+        }
+    }
+    ids.resize(out);
+    return changed;
+}
+
+// A BPE tokenizer from its merge list; each merge may only use ids that exist before it.
+Tokenizer make_bpe_tokenizer(std::vector<std::pair<int, int>> merges) {
+    Tokenizer tokenizer;
+    tokenizer.is_bpe = true;
+    for (int byte = 0; byte < 256; ++byte) tokenizer.pieces.push_back(std::string(1, static_cast<char>(byte)));
+    for (size_t r = 0; r < merges.size(); ++r) {
+        const auto [left, right] = merges[r];
+        const int next = 256 + static_cast<int>(r);
+        check(left >= 0 && left < next && right >= 0 && right < next, "merge " + std::to_string(r) + " (" + std::to_string(left) + ", " +
+                                                                          std::to_string(right) + ") uses an id that does not exist yet");
+        check(tokenizer.merge_rank.emplace(pair_key(left, right), static_cast<int>(r)).second, "merge " + std::to_string(r) + " repeats an earlier one");
+        tokenizer.pieces.push_back(tokenizer.pieces[left] + tokenizer.pieces[right]);
+    }
+    tokenizer.merges = std::move(merges);
+    return tokenizer;
+}
+
+// Training (DESIGN.md §2): count adjacent pairs over all chunks (a distinct chunk weighted by how often it
+// occurs), merge the most frequent pair (ties: the smallest (left, right)), repeat. Recounting everything
+// after each merge costs a pass over the corpus per merge; instead the counts are kept up to date: only
+// the chunks that contain the merged pair change, so only their pairs are re-counted, and a priority queue
+// with lazy deletion (an entry is skipped if its count is no longer current) yields the best pair.
+// Learns vocab_size - 257 merges (256 bytes and EOT take the rest).
+Tokenizer train_bpe(const std::vector<std::string>& documents, const int vocab_size) {
+    check(vocab_size > 256, "--vocab must be larger than 256 (the byte tokens), got " + std::to_string(vocab_size));
+    std::unordered_map<std::string_view, int64_t> chunk_counts;
+    for (const std::string& document : documents)
+        for (const std::string_view chunk : split_chunks(document)) ++chunk_counts[chunk];
+    struct Word {
+        std::vector<int> ids;
+        int64_t count;
+    };
+    std::vector<Word> words;
+    for (const auto& [chunk, count] : chunk_counts) words.push_back({std::vector<int>(chunk.begin(), chunk.end()), count});
+    for (Word& word : words)
+        for (int& id : word.ids) id = static_cast<unsigned char>(id);
+
+    std::unordered_map<uint64_t, int64_t> pair_count;
+    std::unordered_map<uint64_t, std::vector<int>> pair_words;  // which words contain the pair (may repeat)
+    const auto add_pairs = [&](const int w, const int64_t sign, std::vector<uint64_t>& touched) {
+        const std::vector<int>& ids = words[w].ids;
+        for (size_t i = 0; i + 1 < ids.size(); ++i) {
+            const uint64_t key = pair_key(ids[i], ids[i + 1]);
+            pair_count[key] += sign * words[w].count;
+            if (sign > 0) pair_words[key].push_back(w);
+            touched.push_back(key);
+        }
+    };
+    struct Candidate {
+        int64_t count;
+        uint64_t key;
+        bool operator<(const Candidate& other) const {  // the queue's top: highest count, then smallest pair
+            return count != other.count ? count < other.count : key > other.key;
+        }
+    };
+    std::priority_queue<Candidate> queue;
+    std::vector<uint64_t> touched;
+    for (int w = 0; w < static_cast<int>(words.size()); ++w) add_pairs(w, +1, touched);
+    for (const auto& [key, count] : pair_count) queue.push({count, key});
+
+    std::vector<std::pair<int, int>> merges;
+    std::vector<int> merged_at(words.size(), -1);
+    const int wanted = vocab_size - 257;
+    while (static_cast<int>(merges.size()) < wanted) {
+        while (!queue.empty() && pair_count[queue.top().key] != queue.top().count) queue.pop();
+        check(!queue.empty() && queue.top().count > 0, "the corpus has no pair left to merge after " + std::to_string(merges.size()) +
+                                                           " merges; --vocab can be at most " + std::to_string(257 + merges.size()));
+        const uint64_t key = queue.top().key;
+        queue.pop();
+        const int left = static_cast<int>(key >> 32), right = static_cast<int>(key & 0xFFFFFFFFu);
+        const int merged = 256 + static_cast<int>(merges.size());
+        merges.emplace_back(left, right);
+        touched.clear();
+        for (const int w : std::exchange(pair_words[key], {})) {
+            if (merged_at[w] == merged) continue;  // listed twice
+            merged_at[w] = merged;
+            add_pairs(w, -1, touched);
+            replace_pair(words[w].ids, left, right, merged);
+            add_pairs(w, +1, touched);
+        }
+        std::sort(touched.begin(), touched.end());
+        touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+        for (const uint64_t changed : touched)
+            if (pair_count[changed] > 0) queue.push({pair_count[changed], changed});
+    }
+    return make_bpe_tokenizer(std::move(merges));
+}
+
+// Encoding a chunk: apply merges lowest rank first (the order they were learned) until none applies.
+std::vector<int> bpe_encode_chunk(const Tokenizer& tokenizer, const std::string_view chunk) {
+    std::vector<int> ids(chunk.begin(), chunk.end());
+    for (int& id : ids) id = static_cast<unsigned char>(id);
+    while (ids.size() >= 2) {
+        int best = std::numeric_limits<int>::max();
+        for (size_t i = 0; i + 1 < ids.size(); ++i)
+            if (const auto found = tokenizer.merge_rank.find(pair_key(ids[i], ids[i + 1])); found != tokenizer.merge_rank.end())
+                best = std::min(best, found->second);
+        if (best == std::numeric_limits<int>::max()) break;
+        replace_pair(ids, tokenizer.merges[best].first, tokenizer.merges[best].second, 256 + best);
+    }
+    return ids;
+}
+
+// ---- Encoding and decoding, either tokenizer ----
 std::vector<int> encode(const Tokenizer& tokenizer, const std::string_view text) {
     std::vector<int> tokens;
+    if (tokenizer.is_bpe) {
+        for (const std::string_view chunk : split_chunks(text)) {
+            auto cached = tokenizer.chunk_cache.find(std::string(chunk));
+            if (cached == tokenizer.chunk_cache.end()) cached = tokenizer.chunk_cache.emplace(chunk, bpe_encode_chunk(tokenizer, chunk)).first;
+            tokens.insert(tokens.end(), cached->second.begin(), cached->second.end());
+        }
+        return tokens;
+    }
     for (const char32_t c : utf8_decode(text)) {
         const auto found = tokenizer.ids.find(c);
         check(found != tokenizer.ids.end(), "character " + describe_code_point(c) + " is not in the tokenizer's vocabulary");
@@ -411,7 +624,7 @@ std::string decode(const Tokenizer& tokenizer, const std::span<const int> tokens
     std::string text;
     for (const int token : tokens) {
         check(token >= 0 && token <= tokenizer.eot(), "token id " + std::to_string(token) + " is out of range");
-        if (token != tokenizer.eot()) text += utf8_encode(tokenizer.chars[token]);
+        if (token != tokenizer.eot()) text += tokenizer.is_bpe ? tokenizer.pieces[token] : utf8_encode(tokenizer.chars[token]);
     }
     return text;
 }
@@ -1499,7 +1712,14 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
     return c;
 }
 
+// {"type": "char", "chars": "..."} or {"type": "bpe", "merges": [[left, right], ...]} (DESIGN.md §6).
 std::string tokenizer_to_json(const Tokenizer& tokenizer) {
+    if (tokenizer.is_bpe) {
+        std::string json = "{\"type\":\"bpe\",\"merges\":[";
+        for (size_t r = 0; r < tokenizer.merges.size(); ++r)
+            json += (r ? ",[" : "[") + std::to_string(tokenizer.merges[r].first) + "," + std::to_string(tokenizer.merges[r].second) + "]";
+        return json + "]}";
+    }
     std::string chars;
     for (const char32_t c : tokenizer.chars) chars += utf8_encode(c);
     return "{\"type\":\"char\",\"chars\":" + json_quote(chars) + "}";
@@ -1513,7 +1733,22 @@ Tokenizer tokenizer_from_json(const std::string& text, const std::string& where)
         throw Error(where + "tokenizer is not valid JSON (" + e.what() + ")");
     }
     const std::string type = json_string(json.find("type"), where + "tokenizer type");
-    check(type == "char", where + "tokenizer type '" + type + "' is not supported");
+    if (type == "bpe") {
+        const Json* list = json.find("merges");
+        check(list && std::holds_alternative<JsonArray>(list->value), where + "tokenizer merges is missing or not a list");
+        std::vector<std::pair<int, int>> merges;
+        for (const Json& merge : std::get<JsonArray>(list->value)) {
+            const auto* pair = std::get_if<JsonArray>(&merge.value);
+            check(pair && pair->size() == 2, where + "tokenizer merge " + std::to_string(merges.size()) + " is not a [left, right] pair");
+            merges.emplace_back(json_int(&(*pair)[0], where + "tokenizer merge"), json_int(&(*pair)[1], where + "tokenizer merge"));
+        }
+        try {
+            return make_bpe_tokenizer(std::move(merges));
+        } catch (const Error& e) {
+            throw Error(where + "tokenizer " + e.what());
+        }
+    }
+    check(type == "char", where + "tokenizer type '" + type + "' is not supported (char or bpe)");
     const std::vector<char32_t> chars = utf8_decode(json_string(json.find("chars"), where + "tokenizer chars"));
     Tokenizer tokenizer = make_char_tokenizer(chars);
     check(tokenizer.chars.size() == chars.size(), where + "tokenizer chars repeat a character");
@@ -1991,6 +2226,37 @@ double seconds_per_run(Work&& work) {
     return timer.seconds() / runs;
 }
 
+constexpr const char* bpe_bench_data = "data/sotu.txt";
+
+// BPE training done the straightforward way, as the bench's yardstick: before every merge, count all pairs
+// over all distinct chunks again. Same result as train_bpe, one pass over the corpus per merge.
+std::vector<std::pair<int, int>> train_bpe_by_recount(const std::vector<std::string>& documents, const int vocab_size) {
+    std::unordered_map<std::string_view, int64_t> chunk_counts;
+    for (const std::string& document : documents)
+        for (const std::string_view chunk : split_chunks(document)) ++chunk_counts[chunk];
+    std::vector<std::pair<std::vector<int>, int64_t>> words;
+    for (const auto& [chunk, count] : chunk_counts) {
+        std::vector<int> ids;
+        for (const char c : chunk) ids.push_back(static_cast<unsigned char>(c));
+        words.emplace_back(std::move(ids), count);
+    }
+    std::vector<std::pair<int, int>> merges;
+    std::unordered_map<uint64_t, int64_t> pair_count;
+    while (static_cast<int>(merges.size()) < vocab_size - 257) {
+        pair_count.clear();
+        for (const auto& [ids, count] : words)
+            for (size_t i = 0; i + 1 < ids.size(); ++i) pair_count[pair_key(ids[i], ids[i + 1])] += count;
+        if (pair_count.empty()) break;
+        const auto best = std::max_element(pair_count.begin(), pair_count.end(), [](const auto& a, const auto& b) {
+            return a.second != b.second ? a.second < b.second : a.first > b.first;
+        });
+        const int left = static_cast<int>(best->first >> 32), right = static_cast<int>(best->first & 0xFFFFFFFFu);
+        for (auto& word : words) replace_pair(word.first, left, right, 256 + static_cast<int>(merges.size()));
+        merges.emplace_back(left, right);
+    }
+    return merges;
+}
+
 struct BenchModel {
     std::string name;
     ModelConfig config;
@@ -2044,6 +2310,43 @@ std::vector<BenchRow> run_benchmarks(const int max_threads) {
                                   std::to_string(max_threads) + " thread" + (max_threads > 1 ? "s" : "");
         rows.push_back({"train step, " + label, "ms", seconds * 1e3});
         rows.push_back({"train tokens/s, " + label, "tokens/s", double(bench.batch) * bench.config.context / seconds});
+    }
+    // Byte-level BPE on the prose corpus: incremental training against the recount-every-merge way (on a
+    // subset, where recounting is still affordable), encoding speed and bytes per token.
+    if (std::filesystem::exists(bpe_bench_data)) {
+        const std::vector<std::string> documents = split_documents(read_documents(bpe_bench_data)).train;
+        size_t bytes = 0;
+        for (const std::string& document : documents) bytes += document.size();
+        Tokenizer tokenizer;
+        for (const int vocab : {1024, 4096}) {
+            Timer timer;
+            tokenizer = train_bpe(documents, vocab);
+            rows.push_back({"BPE train, " + std::string(bpe_bench_data) + " train split (" + std::to_string(bytes / 1000) + " kB), vocab " +
+                                std::to_string(vocab), "s", timer.seconds()});
+        }
+        const std::vector<std::string> subset(documents.begin(), documents.begin() + std::min<size_t>(documents.size(), 2000));
+        size_t subset_bytes = 0;
+        for (const std::string& document : subset) subset_bytes += document.size();
+        Timer incremental_timer;
+        const Tokenizer incremental = train_bpe(subset, 4096);
+        const double incremental_seconds = incremental_timer.seconds();
+        Timer recount_timer;
+        const std::vector<std::pair<int, int>> recounted = train_bpe_by_recount(subset, 4096);
+        const double recount_seconds = recount_timer.seconds();
+        check(recounted == incremental.merges, "bench: the recount trainer disagrees with the incremental one");
+        const std::string subset_label = "first 2000 documents (" + std::to_string(subset_bytes / 1000) + " kB), vocab 4096";
+        rows.push_back({"BPE train incremental, " + subset_label, "s", incremental_seconds});
+        rows.push_back({"BPE train by recount, " + subset_label, "s", recount_seconds});
+        rows.push_back({"BPE train speed-up of incremental over recount", "x", recount_seconds / incremental_seconds});
+        size_t tokens = 0;
+        const double seconds = seconds_per_run([&] {
+            Tokenizer fresh = tokenizer;  // an empty chunk cache each time: the cache fills as the text is read
+            fresh.chunk_cache.clear();
+            tokens = 0;
+            for (const std::string& document : documents) tokens += encode(fresh, document).size();
+        });
+        rows.push_back({"BPE encode, vocab 4096, 1 thread", "MB/s", bytes / seconds * 1e-6});
+        rows.push_back({"BPE bytes per token, vocab 4096", "bytes/token", double(bytes) / tokens});
     }
     // Inference on the medium model: prefill, and decode with and without the KV cache. Without the cache
     // every token runs the whole sequence so far; with it, only the new position. Timed per generated token
@@ -2128,6 +2431,8 @@ std::vector<Command> commands() {
         {"--eval-every", "250", "steps between validation evaluations and checkpoints"},
         {"--resume", "", "continue training from this checkpoint (model shape and schedule come from it)"},
         {"--stop-after", "0", "stop after this many steps of this run, keeping a resumable checkpoint (0: run to the end)"},
+        {"--tokenizer", "auto", "char, bpe, or auto: byte-level BPE when documents average over 64 bytes (prose), char otherwise"},
+        {"--vocab", "2048", "BPE vocabulary size, including the 256 bytes and EOT"},
     };
     train_flags.insert(train_flags.end(), rest.begin(), rest.end());
     return {
@@ -2148,6 +2453,14 @@ std::vector<Command> commands() {
           {"--seed", "1337", "document i uses seed + i"},
           {"--max-tokens", "0", "most tokens generated per document (0: until EOT or the context is full)"},
           {"--threads", default_threads, "worker threads"}}},
+        {"tokenizer train", "learn BPE merges on a data file's training documents and write them as JSON",
+         {{"--data", "data/sotu.txt", "text, one document per line"},
+          {"--vocab", "2048", "vocabulary size, including the 256 bytes and EOT"},
+          {"--out", "out/tokenizer.json", "where to write {\"type\": \"bpe\", \"merges\": [...]}"}}},
+        {"tokenizer encode", "print the ids and byte pieces of a text", {{"--model", "out/names.safetensors", "checkpoint or tokenizer JSON"},
+                                                                         {"--text", "", "text to encode (default: standard input)"}}},
+        {"tokenizer decode", "print the text of token ids", {{"--model", "out/names.safetensors", "checkpoint or tokenizer JSON"},
+                                                            {"--ids", "", "ids separated by spaces (default: standard input)"}}},
         {"bench", "benchmark matmul, training steps and sampling",
          {{"--json", "", "print the results as JSON", true}, {"--threads", default_threads, "worker threads for the all-threads rows"}}},
     };
@@ -2261,6 +2574,23 @@ std::string loss_log_path(const std::string& checkpoint_path, const std::string&
     return std::filesystem::path(checkpoint_path).replace_extension(suffix).string();
 }
 
+// --tokenizer auto picks byte-level BPE for prose (documents averaging over 64 bytes) and characters otherwise.
+Tokenizer choose_tokenizer(const std::string& kind, const std::vector<std::string>& documents, const DocumentSplit& split, const int vocab) {
+    check(kind == "auto" || kind == "char" || kind == "bpe", "--tokenizer must be auto, char or bpe, got '" + kind + "'");
+    size_t bytes = 0;
+    for (const std::string& document : documents) bytes += document.size();
+    const bool prose = bytes > 64 * documents.size();
+    return kind == "bpe" || (kind == "auto" && prose) ? train_bpe(split.train, vocab) : build_char_tokenizer(documents);
+}
+
+// A tokenizer from a checkpoint or from a tokenizer JSON file (./gpt tokenizer train writes those).
+Tokenizer load_tokenizer(const std::string& path) {
+    check(std::filesystem::is_regular_file(path), "'" + path + "' does not exist or is not a file");
+    const std::string text = read_file(path);
+    if (!text.empty() && text[0] == '{') return tokenizer_from_json(text, "tokenizer '" + path + "': ");
+    return load_checkpoint(path).tokenizer;
+}
+
 // Trains and returns the path of the final checkpoint.
 std::string cmd_train(const Flags& flags) {
     TrainConfig train;
@@ -2276,6 +2606,8 @@ std::string cmd_train(const Flags& flags) {
         train.resume_path = flags.text("--resume");
         for (const FlagSpec& spec : model_flags)
             check(!flags.has(spec.name), spec.name + " cannot be combined with --resume: the model's shape comes from the checkpoint");
+        for (const std::string name : {"--tokenizer", "--vocab"})
+            check(!flags.has(name), name + " cannot be combined with --resume: the tokenizer comes from the checkpoint");
         const std::string where = "checkpoint '" + train.resume_path + "': ";
         Checkpoint checkpoint = load_checkpoint(train.resume_path);
         state = training_state_from_checkpoint(checkpoint, train, where);
@@ -2298,8 +2630,13 @@ std::string cmd_train(const Flags& flags) {
     check(train.stop_after >= 0, "--stop-after must not be negative, got " + flags.text("--stop-after"));
 
     const std::vector<std::string> documents = read_documents(train.data_path);
+    const DocumentSplit split = split_documents(documents);
     if (!flags.has("--resume")) {
-        tokenizer = build_char_tokenizer(documents);
+        Timer tokenizer_timer;
+        tokenizer = choose_tokenizer(flags.text("--tokenizer"), documents, split, flags.integer("--vocab"));
+        if (tokenizer.is_bpe)
+            std::printf("tokenizer: byte-level BPE, %zu merges learned on the training split in %.1f s\n", tokenizer.merges.size(),
+                        tokenizer_timer.seconds());
         ModelConfig config;
         config.vocab_size = tokenizer.vocab_size();
         config.n_layers = flags.positive("--layers");
@@ -2315,7 +2652,6 @@ std::string cmd_train(const Flags& flags) {
     }
     check(state.step < train.steps, "the checkpoint has already done " + std::to_string(state.step) + " of " + std::to_string(train.steps) +
                                         " steps; pass a larger --steps to continue");
-    const DocumentSplit split = split_documents(documents);
     const std::vector<int> train_stream = make_stream(tokenizer, split.train);
     const std::vector<int> val_stream = make_stream(tokenizer, split.validation);
     const int T = model.config.context;
@@ -2442,6 +2778,47 @@ void cmd_sample(const Flags& flags) {
                  generated / std::max(timer.seconds(), 1e-9), kv_cache_bytes_per_token(checkpoint.model.config));
 }
 
+void cmd_tokenizer(const std::string& name, const Flags& flags) {
+    if (name == "tokenizer train") {
+        const DocumentSplit split = split_documents(read_documents(flags.text("--data")));
+        Timer timer;
+        const Tokenizer tokenizer = train_bpe(split.train, flags.integer("--vocab"));
+        const double seconds = timer.seconds();
+        write_file_atomically(flags.text("--out"), tokenizer_to_json(tokenizer) + "\n");
+        size_t bytes = 0, tokens = 0;
+        for (const std::string& document : split.train) bytes += document.size(), tokens += encode(tokenizer, document).size();
+        std::printf("%zu merges in %.2f s, written to %s; training split: %zu bytes -> %zu tokens (%.2f bytes per token)\n",
+                    tokenizer.merges.size(), seconds, flags.text("--out").c_str(), bytes, tokens, double(bytes) / std::max<size_t>(tokens, 1));
+        return;
+    }
+    const Tokenizer tokenizer = load_tokenizer(flags.text("--model"));
+    if (name == "tokenizer encode") {
+        const std::string text = flags.has("--text") ? flags.text("--text")
+                                                     : std::string((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+        const std::vector<int> ids = encode(tokenizer, text);
+        for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%d", i ? " " : "", ids[i]);
+        std::printf("\n");
+        for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%s", i ? " " : "", json_quote(decode(tokenizer, std::span(&ids[i], 1))).c_str());
+        std::printf("\n%zu bytes -> %zu tokens\n", text.size(), ids.size());
+        return;
+    }
+    std::istringstream input(flags.has("--ids") ? flags.text("--ids")
+                                                : std::string((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>()));
+    std::vector<int> ids;
+    for (std::string word; input >> word;) {
+        size_t used = 0;
+        int id = -1;
+        try {
+            id = std::stoi(word, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        check(used == word.size(), "token id '" + word + "' is not an integer");
+        ids.push_back(id);
+    }
+    std::printf("%s\n", decode(tokenizer, ids).c_str());
+}
+
 void cmd_bench(const Flags& flags) {
     const int threads = flags.positive("--threads");
     const std::vector<BenchRow> rows = run_benchmarks(threads);
@@ -2464,10 +2841,11 @@ int run_command_line(const std::vector<std::string>& args) {
     }
     const std::vector<Command> all = commands();
     const bool default_run = args.empty();
-    const std::string name = default_run ? "train" : args[0];
+    const bool two_words = args.size() >= 2 && args[0] == "tokenizer";  // "tokenizer train" and its siblings
+    const std::string name = default_run ? "train" : two_words ? args[0] + " " + args[1] : args[0];
     const auto command = std::find_if(all.begin(), all.end(), [&](const Command& c) { return c.name == name; });
     if (command == all.end()) throw UsageError("unknown command '" + name + "'");
-    const std::vector<std::string> rest(args.begin() + (default_run ? 0 : 1), args.end());
+    const std::vector<std::string> rest(args.begin() + (default_run ? 0 : two_words ? 2 : 1), args.end());
     if (std::find(rest.begin(), rest.end(), "--help") != rest.end()) {
         std::printf("./gpt %s: %s\n", command->name.c_str(), command->summary.c_str());
         for (const FlagSpec& flag : command->flags)
@@ -2486,6 +2864,8 @@ int run_command_line(const std::vector<std::string>& args) {
         cmd_eval(flags);
     } else if (name == "sample") {
         cmd_sample(flags);
+    } else if (name.starts_with("tokenizer")) {
+        cmd_tokenizer(name, flags);
     } else {
         cmd_bench(flags);
     }
