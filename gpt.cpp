@@ -696,13 +696,14 @@ struct Tape {
     std::vector<std::function<void()>> backward_steps;
 
     // A new tensor for an op's output: its values are not cleared (every op writes all of its output), its
-    // gradient is zero. After clear() the same buffers are handed out again, so a training loop does not
-    // return memory to the system and fault it back in at every step.
-    Tensor& make(std::vector<int> shape) {
+    // gradient is zero; values an op only saves for its backward (saved = true) get no gradient. After clear()
+    // the same buffers are handed out again, so a training loop does not return memory to the system and
+    // fault it back in at every step.
+    Tensor& make(std::vector<int> shape, const bool saved = false) {
         if (used == values.size()) values.emplace_back();
         Tensor& t = values[used++];
         t.data.resize(shape_numel(shape));
-        if (record) t.grad.assign(t.data.size(), 0.0f);
+        if (record && !saved) t.grad.assign(t.data.size(), 0.0f);
         else t.grad.clear();
         t.shape = std::move(shape);
         return t;
@@ -868,13 +869,17 @@ Tensor& matmul(Tape& tape, Tensor& x, Tensor& w) {
 // ---- Residual add ----
 // out = a + b;  da += dout, db += dout
 void add_forward(std::span<float> out, std::span<const float> a, std::span<const float> b) {
-    for (size_t i = 0; i < out.size(); ++i) out[i] = a[i] + b[i];
+    parallel_rows(static_cast<int>(out.size()), 1.0, [&](int begin, int end) {
+        for (int i = begin; i < end; ++i) out[i] = a[i] + b[i];
+    });
 }
 void add_backward(std::span<float> da, std::span<float> db, std::span<const float> dout) {
-    for (size_t i = 0; i < dout.size(); ++i) {
-        da[i] += dout[i];
-        db[i] += dout[i];
-    }
+    parallel_rows(static_cast<int>(dout.size()), 2.0, [&](int begin, int end) {
+        for (int i = begin; i < end; ++i) {
+            da[i] += dout[i];
+            db[i] += dout[i];
+        }
+    });
 }
 
 Tensor& add(Tape& tape, Tensor& a, Tensor& b) {
@@ -887,14 +892,18 @@ Tensor& add(Tape& tape, Tensor& a, Tensor& b) {
 // ---- Elementwise multiply ----
 // out = a * b;  da += dout * b, db += dout * a
 void mul_forward(std::span<float> out, std::span<const float> a, std::span<const float> b) {
-    for (size_t i = 0; i < out.size(); ++i) out[i] = a[i] * b[i];
+    parallel_rows(static_cast<int>(out.size()), 1.0, [&](int begin, int end) {
+        for (int i = begin; i < end; ++i) out[i] = a[i] * b[i];
+    });
 }
 void mul_backward(std::span<float> da, std::span<float> db, std::span<const float> dout, std::span<const float> a,
                   std::span<const float> b) {
-    for (size_t i = 0; i < dout.size(); ++i) {
-        da[i] += dout[i] * b[i];
-        db[i] += dout[i] * a[i];
-    }
+    parallel_rows(static_cast<int>(dout.size()), 4.0, [&](int begin, int end) {
+        for (int i = begin; i < end; ++i) {
+            da[i] += dout[i] * b[i];
+            db[i] += dout[i] * a[i];
+        }
+    });
 }
 
 Tensor& mul(Tape& tape, Tensor& a, Tensor& b) {
@@ -910,18 +919,22 @@ Tensor& mul(Tape& tape, Tensor& a, Tensor& b) {
 float sigmoid(const float z) { return 1.0f / (1.0f + std::exp(-z)); }
 
 void silu_forward(std::span<float> out, std::span<float> sigmoid_x, std::span<const float> x) {
-    for (size_t i = 0; i < out.size(); ++i) {
-        sigmoid_x[i] = sigmoid(x[i]);
-        out[i] = x[i] * sigmoid_x[i];
-    }
+    parallel_rows(static_cast<int>(out.size()), 20.0, [&](int begin, int end) {
+        for (int i = begin; i < end; ++i) {
+            sigmoid_x[i] = sigmoid(x[i]);
+            out[i] = x[i] * sigmoid_x[i];
+        }
+    });
 }
 void silu_backward(std::span<float> dx, std::span<const float> dout, std::span<const float> x, std::span<const float> sigmoid_x) {
-    for (size_t i = 0; i < dout.size(); ++i) dx[i] += dout[i] * sigmoid_x[i] * (1.0f + x[i] * (1.0f - sigmoid_x[i]));
+    parallel_rows(static_cast<int>(dout.size()), 6.0, [&](int begin, int end) {
+        for (int i = begin; i < end; ++i) dx[i] += dout[i] * sigmoid_x[i] * (1.0f + x[i] * (1.0f - sigmoid_x[i]));
+    });
 }
 
 Tensor& silu(Tape& tape, Tensor& x) {
     Tensor& out = tape.make(x.shape);
-    Tensor& sigmoid_x = tape.make(x.shape);
+    Tensor& sigmoid_x = tape.make(x.shape, true);
     silu_forward(out.data, sigmoid_x.data, x.data);
     tape.on_backward([&out, &sigmoid_x, &x] { silu_backward(x.grad, out.grad, x.data, sigmoid_x.data); });
     return out;
@@ -984,7 +997,7 @@ void rms_norm_backward(std::span<float> dx, std::span<float> dw, std::span<const
 Tensor& rms_norm(Tape& tape, Tensor& x, Tensor& w, const float eps) {
     const int N = x.shape[0], D = x.shape[1];
     Tensor& out = tape.make({N, D});
-    Tensor& inv_rms = tape.make({N});
+    Tensor& inv_rms = tape.make({N}, true);
     rms_norm_forward(out.data, inv_rms.data, x.data, w.data, N, D, eps);
     tape.on_backward([&out, &inv_rms, &x, &w, N, D] {
         rms_norm_backward(x.grad, w.grad, out.grad, x.data, w.data, inv_rms.data, N, D);
@@ -1025,7 +1038,7 @@ Tensor& cross_entropy(Tape& tape, Tensor& logits, std::span<const int> targets) 
     check(targets.size() == size_t(N), "cross_entropy: one target per row is needed");
     for (const int t : targets) check(t >= 0 && t < V, "target id " + std::to_string(t) + " is outside the vocabulary");
     Tensor& loss = tape.make({1});
-    Tensor& lse = tape.make({N});
+    Tensor& lse = tape.make({N}, true);
     loss.data[0] = cross_entropy_forward(lse.data, logits.data, targets, N, V);
     tape.on_backward([&loss, &lse, &logits, targets, N, V] {
         cross_entropy_backward(logits.grad, loss.grad[0], logits.data, lse.data, targets, N, V);
@@ -1211,7 +1224,7 @@ void attention_backward(std::span<float> dq, std::span<float> dk, std::span<floa
 Tensor& attention(Tape& tape, Tensor& q, Tensor& k, Tensor& v) {
     const int B = q.shape[0], H = q.shape[1], Nq = q.shape[2], hd = q.shape[3], G = k.shape[1], Nk = k.shape[2];
     Tensor& out = tape.make(q.shape);
-    Tensor& lse = tape.make({B, H, Nq});
+    Tensor& lse = tape.make({B, H, Nq}, true);
     const size_t q_size = size_t(H) * Nq * hd, kv_size = size_t(G) * Nk * hd;
     const auto sequence = [](std::vector<float>& t, size_t b, size_t size) { return std::span<float>(t).subspan(b * size, size); };
     parallel_for(B, 4.0 * B * H * Nq * Nk * hd, [&, B](const int b) {
@@ -1241,7 +1254,7 @@ Tensor& cached_attention(Tape& tape, Tensor& q, Tensor& k, Tensor& v, std::vecto
         std::copy_n(&v.data[size_t(g) * Nq * hd], size_t(Nq) * hd, &cache_values[(size_t(g) * max_T + pos0) * hd]);
     }
     Tensor& out = tape.make(q.shape);
-    Tensor& lse = tape.make({1, H, Nq});
+    Tensor& lse = tape.make({1, H, Nq}, true);
     attention_forward(out.data, lse.data, q.data, cache_keys, cache_values, H, G, Nq, pos0 + Nq, hd, true, size_t(max_T) * hd);
     return out;
 }
