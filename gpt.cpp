@@ -199,8 +199,9 @@ void set_thread_count(const int n) {
     for (int i = 0; i + 1 < n; ++i) worker_pool->threads.emplace_back([pool = worker_pool.get()] { pool->worker_loop(); });
 }
 
-// Loops whose total work is below parallel_min_flops run inline: waking the pool costs more than they do.
-constexpr double parallel_min_flops = 65536.0;
+// Loops whose total work is below parallel_min_flops run inline: waking the pool (tens of microseconds)
+// costs more than they do.
+constexpr double parallel_min_flops = 1048576.0;
 
 void parallel_for(const int count, const double total_flops, const std::function<void(int)>& body) {
     if (!worker_pool || count <= 1 || inside_parallel_task || total_flops < parallel_min_flops) {
