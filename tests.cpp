@@ -324,7 +324,147 @@ TEST_SUITE("4. Tokenizer") {
         CHECK_THROWS_WITH_AS(encode(t, "abd"), doctest::Contains("'d' (U+0064) is not in the tokenizer's vocabulary"), Error);
         CHECK_THROWS_WITH_AS(utf8_decode("a\xff"), doctest::Contains("invalid UTF-8"), Error);
         CHECK_THROWS_WITH_AS(utf8_decode("\xc3"), doctest::Contains("invalid UTF-8"), Error);
-        CHECK_THROWS_WITH_AS(utf8_decode("\xc0\xaf"), doctest::Contains("overlong"), Error);
+        CHECK_THROWS_WITH_AS(utf8_decode("\xc0\xaf"), doctest::Contains("invalid UTF-8 at byte 0"), Error);  // overlong
+    }
+}
+
+// Reference BPE trainer for the tests: recounts every pair over all distinct chunks before each merge.
+std::vector<std::pair<int, int>> recount_bpe(const std::vector<std::string>& documents, const int vocab_size) {
+    std::map<std::string, int64_t> chunk_counts;
+    for (const std::string& document : documents)
+        for (const std::string_view chunk : split_chunks(document)) ++chunk_counts[std::string(chunk)];
+    std::vector<std::pair<std::vector<int>, int64_t>> words;
+    for (const auto& [chunk, count] : chunk_counts) {
+        std::vector<int> ids;
+        for (const char c : chunk) ids.push_back(static_cast<unsigned char>(c));
+        words.emplace_back(ids, count);
+    }
+    std::vector<std::pair<int, int>> merges;
+    for (int r = 0; r < vocab_size - 257; ++r) {
+        std::map<std::pair<int, int>, int64_t> pairs;  // ordered: the first of equal counts is the smallest pair
+        for (const auto& [ids, count] : words)
+            for (size_t i = 0; i + 1 < ids.size(); ++i) pairs[{ids[i], ids[i + 1]}] += count;
+        if (pairs.empty()) break;
+        std::pair<int, int> best = pairs.begin()->first;
+        for (const auto& [pair, count] : pairs)
+            if (count > pairs[best]) best = pair;
+        merges.push_back(best);
+        for (auto& [ids, count] : words) {
+            std::vector<int> merged;
+            for (size_t i = 0; i < ids.size(); ++i) {
+                if (i + 1 < ids.size() && ids[i] == best.first && ids[i + 1] == best.second) {
+                    merged.push_back(256 + r);
+                    ++i;
+                } else {
+                    merged.push_back(ids[i]);
+                }
+            }
+            ids = merged;
+        }
+    }
+    return merges;
+}
+
+// Reference encoder: every merge in the order learned, each replacing all its occurrences left to right.
+std::vector<int> reference_bpe_encode(const Tokenizer& tokenizer, const std::string& text) {
+    std::vector<int> out;
+    for (const std::string_view chunk : split_chunks(text)) {
+        std::vector<int> ids;
+        for (const char c : chunk) ids.push_back(static_cast<unsigned char>(c));
+        for (size_t r = 0; r < tokenizer.merges.size(); ++r) {
+            std::vector<int> merged;
+            for (size_t i = 0; i < ids.size(); ++i) {
+                if (i + 1 < ids.size() && ids[i] == tokenizer.merges[r].first && ids[i + 1] == tokenizer.merges[r].second) {
+                    merged.push_back(256 + static_cast<int>(r));
+                    ++i;
+                } else {
+                    merged.push_back(ids[i]);
+                }
+            }
+            ids = merged;
+        }
+        out.insert(out.end(), ids.begin(), ids.end());
+    }
+    return out;
+}
+
+// A few KB of real prose: the first lines of the State of the Union corpus.
+std::vector<std::string> prose_sample(const size_t bytes) {
+    std::vector<std::string> documents;
+    size_t total = 0;
+    for (const std::string& line : read_documents("data/sotu.txt")) {
+        if (total >= bytes) break;
+        documents.push_back(line);
+        total += line.size();
+    }
+    return documents;
+}
+
+TEST_SUITE("4. Tokenizer: BPE") {
+    TEST_CASE("chunks follow the written rule") {
+        const auto chunks = [](std::string_view s) {
+            std::vector<std::string> out;
+            for (const std::string_view c : split_chunks(s)) out.emplace_back(c);
+            return out;
+        };
+        CHECK(chunks("Hello world, it's 2024!") == std::vector<std::string>{"Hello", " world", ",", " it", "'s", " 2024", "!"});
+        CHECK(chunks("a  b\n\nc\t d") == std::vector<std::string>{"a", " ", " b", "\n", "\n", "c", "\t", " d"});
+        CHECK(chunks("café — naïve") == std::vector<std::string>{"café", " —", " naïve"});
+        CHECK(chunks("end  ") == std::vector<std::string>{"end", "  "});
+        CHECK(chunks("x\xff\xfey") == std::vector<std::string>{"x", "\xff\xfe", "y"});
+    }
+    TEST_CASE("merges on a tiny corpus equal the ones computed by hand, including a tie") {
+        // "xyxy": (x,y) x2, (y,x) x1; "zw": (z,w) x1.  Merge 0: (x,y) -> 256, leaving [256 256] and [z w].
+        // Now (256,256) and (z,w) both occur once: the tie goes to the smaller pair, (z,w) = (122,119) -> 257.
+        // Merge 2: (256,256) -> 258. Then no pair is left.
+        const std::vector<std::string> corpus{"xyxy", "zw"};
+        const Tokenizer t = train_bpe(corpus, 260);
+        CHECK(t.merges == std::vector<std::pair<int, int>>{{'x', 'y'}, {'z', 'w'}, {256, 256}});
+        CHECK(t.eot() == 259);
+        CHECK(t.pieces[258] == "xyxy");
+        CHECK(encode(t, "xyxyzw") == std::vector<int>{258, 257});
+        CHECK_THROWS_WITH_AS(train_bpe(corpus, 261), doctest::Contains("at most 260"), Error);
+        CHECK_THROWS_WITH_AS(train_bpe(corpus, 256), doctest::Contains("larger than 256"), Error);
+        CHECK(train_bpe(corpus, 257).merges.empty());
+    }
+    TEST_CASE("incremental training gives exactly the merges of the recount-every-merge reference") {
+        const std::vector<std::string> documents = prose_sample(6000);
+        for (const int vocab : {300, 600}) {
+            const Tokenizer t = train_bpe(documents, vocab);
+            CHECK(t.merges == recount_bpe(documents, vocab));
+        }
+    }
+    TEST_CASE("encoding equals the reference encoder, round-trips every byte string, never makes EOT") {
+        const Tokenizer t = train_bpe(prose_sample(6000), 500);
+        const std::vector<std::string> texts = prose_sample(20000);
+        for (const std::string& text : texts) {
+            const std::vector<int> ids = encode(t, text);
+            CHECK(ids == reference_bpe_encode(t, text));
+            CHECK(decode(t, ids) == text);
+            CHECK(std::find(ids.begin(), ids.end(), t.eot()) == ids.end());
+        }
+        std::string every_byte;
+        for (int b = 0; b < 256; ++b) every_byte += static_cast<char>(b);
+        CHECK(decode(t, encode(t, every_byte)) == every_byte);
+        Rng rng(77);
+        for (int trial = 0; trial < 200; ++trial) {
+            std::string s(rng.below(40), '\0');
+            for (char& c : s) c = static_cast<char>(rng.below(256));
+            const std::vector<int> ids = encode(t, s);
+            CHECK(decode(t, ids) == s);
+            CHECK(std::find(ids.begin(), ids.end(), t.eot()) == ids.end());
+        }
+    }
+    TEST_CASE("tokenizer JSON round trip and bad tokenizer JSON") {
+        const Tokenizer t = train_bpe({"xyxy", "zw"}, 260);
+        const Tokenizer back = tokenizer_from_json(tokenizer_to_json(t), "");
+        CHECK(back.is_bpe);
+        CHECK(back.merges == t.merges);
+        CHECK_THROWS_WITH_AS(tokenizer_from_json("{\"type\": \"bpe\", \"merges\": [[1, 2], [300, 1]]}", ""), doctest::Contains("does not exist yet"), Error);
+        CHECK_THROWS_WITH_AS(tokenizer_from_json("{\"type\": \"bpe\", \"merges\": [[1, 2, 3]]}", ""), doctest::Contains("not a [left, right] pair"), Error);
+        CHECK_THROWS_WITH_AS(tokenizer_from_json("{\"type\": \"bpe\", \"merges\": [[1, 2]", ""), doctest::Contains("not valid JSON"), Error);
+        CHECK_THROWS_WITH_AS(tokenizer_from_json("{\"type\": \"wordpiece\"}", ""), doctest::Contains("not supported"), Error);
+        CHECK_THROWS_WITH_AS(tokenizer_from_json("{\"type\": \"bpe\", \"merges\": [[1, 2], [1, 2]]}", ""), doctest::Contains("repeats"), Error);
     }
 }
 
@@ -355,7 +495,8 @@ TEST_SUITE("5. Token streams") {
 TEST_SUITE("7. Core ops") {
     TEST_CASE("matmul equals a naive triple loop at awkward sizes, for any thread count") {
         Rng rng(11);
-        for (const auto [N, K, M] : {std::array{1, 1, 1}, {17, 33, 5}, {70, 13, 65}, {5, 100, 333}}) {
+        // The last two sizes exceed parallel_min_flops, so that 3 threads really split them.
+        for (const auto [N, K, M] : {std::array{1, 1, 1}, {17, 33, 5}, {70, 13, 65}, {5, 100, 333}, {130, 200, 100}, {3, 700, 400}}) {
             const std::vector<float> x = random_vector(size_t(N) * K, rng), w = random_vector(size_t(M) * K, rng);
             std::vector<float> out(size_t(N) * M), again(size_t(N) * M);
             set_thread_count(1);
@@ -908,6 +1049,29 @@ TEST_SUITE("15. Command line") {
         CHECK(log[0].step == 1);
         CHECK(log[11].step == 12);
         set_thread_count(1);
+    }
+    TEST_CASE("training steps large enough to run on several threads give bit-identical weights for 1 and 3 threads") {
+        const auto train = [](const int threads) {
+            set_thread_count(threads);
+            ModelConfig c = tiny_config(40);
+            c.dim = 64, c.n_heads = 4, c.n_kv_heads = 2, c.ffn_dim = 256, c.context = 32;
+            Model model = make_model(c);
+            init_model(model, 21);
+            TrainingState state = make_training_state(model, 21);
+            std::vector<int> stream(2000);
+            Rng rng(22);
+            for (int& token : stream) token = static_cast<int>(rng.below(40));
+            TrainConfig config;
+            config.batch = 8, config.steps = 3;
+            Tape tape;
+            Batch batch;
+            for (int s = 0; s < 3; ++s) train_step(model, state, tape, batch, stream, config);
+            std::vector<float> weights;
+            for (const Parameter& p : model_parameters(model)) weights.insert(weights.end(), p.tensor->data.begin(), p.tensor->data.end());
+            set_thread_count(1);
+            return weights;
+        };
+        CHECK(train(1) == train(3));
     }
     TEST_CASE("sampling: same seed, same documents; temperature 0 repeats; max-tokens limits length") {
         TempDir dir;
