@@ -1,6 +1,7 @@
-// gpt.cpp: a small GPT you can read in one sitting. Tokenizer, autograd, a Llama-style transformer,
-// training with AdamW, safetensors checkpoints and sampling, in one C++20 file with no dependencies
-// beyond the standard library. The math and the file format are fixed in DESIGN.md.
+// gpt.cpp: a small GPT you can read in one sitting. Tokenizers (characters, byte-level BPE), autograd, a
+// Llama-style transformer, AdamW training, safetensors checkpoints, a KV cache for inference and sampling,
+// in one C++20 file with no dependencies beyond the standard library. The math and the file format are
+// fixed in DESIGN.md.
 //
 // Build and run:   make && ./gpt            (trains on data/names.txt, then samples 20 names)
 // Help:            ./gpt --help, ./gpt train --help, ...
@@ -2777,7 +2778,8 @@ void cmd_sample(const Flags& flags) {
         Rng rng(config.seed + uint64_t(i));
         std::printf("%s", config.prompt.c_str());
         const Sample sample = generate(checkpoint.model, checkpoint.tokenizer, prompt, prompt_state, config, rng, [&](const int token) {
-            std::printf("%s", decode(checkpoint.tokenizer, std::span<const int>(&token, 1)).c_str());  // streaming
+            const std::string piece = decode(checkpoint.tokenizer, std::span<const int>(&token, 1));  // streaming
+            std::fwrite(piece.data(), 1, piece.size(), stdout);
             std::fflush(stdout);
         });
         std::printf("\n");
