@@ -2476,7 +2476,7 @@ std::vector<Command> commands() {
                                                                          {"--text", "", "text to encode (default: standard input)"}}},
         {"tokenizer decode", "print the text of token ids", {{"--model", "out/names.safetensors", "checkpoint or tokenizer JSON"},
                                                             {"--ids", "", "ids separated by spaces (default: standard input)"}}},
-        {"bench", "benchmark matmul, training steps and sampling",
+        {"bench", "benchmark matmul, training steps, BPE and inference (prefill, decode with and without the KV cache)",
          {{"--json", "", "print the results as JSON", true}, {"--threads", default_threads, "worker threads for the all-threads rows"}}},
     };
 }
