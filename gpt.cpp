@@ -2326,6 +2326,22 @@ std::vector<BenchRow> run_benchmarks(const int max_threads) {
         rows.push_back({"train step, " + label, "ms", seconds * 1e3});
         rows.push_back({"train tokens/s, " + label, "tokens/s", double(bench.batch) * bench.config.context / seconds});
     }
+    // Sampling speed on the default (small) model: documents drawn from [EOT] with the KV cache, generated
+    // tokens (EOT not counted) per second of wall time.
+    {
+        Model model = make_model(bench_models()[1].config);
+        init_model(model, 1);
+        std::vector<char32_t> letters;
+        for (char32_t c = 'a'; c < char32_t('a' + model.config.vocab_size - 1); ++c) letters.push_back(c);
+        const Tokenizer tokenizer = make_char_tokenizer(letters);
+        const InferenceState start = prefill_prompt(model, tokenizer, {});
+        Rng sample_rng(7);
+        size_t tokens = 0;
+        Timer timer;
+        while (timer.seconds() < min_bench_seconds) tokens += generate(model, tokenizer, {}, start, SampleConfig(), sample_rng).tokens.size();
+        rows.push_back({"sampling, small, KV cache, " + std::to_string(max_threads) + " thread" + (max_threads > 1 ? "s" : ""), "tokens/s",
+                        double(tokens) / timer.seconds()});
+    }
     // Byte-level BPE on the prose corpus: incremental training against the recount-every-merge way (on a
     // subset, where recounting is still affordable), encoding speed and bytes per token.
     if (std::filesystem::exists(bpe_bench_data)) {
