@@ -1538,6 +1538,15 @@ Json parse_json(const std::string_view text) {
     return value;
 }
 
+// Parses JSON found inside a checkpoint; a syntax error says which part it was ("checkpoint 'm': config").
+Json parse_json_in(const std::string_view text, const std::string& what) {
+    try {
+        return parse_json(text);
+    } catch (const Error& e) {
+        throw Error(what + " is not valid JSON (" + e.what() + ")");
+    }
+}
+
 std::string json_quote(const std::string_view s) {
     std::string out = "\"";
     for (const char c : s) {
@@ -1635,12 +1644,7 @@ SafetensorsFile read_safetensors(const std::string& path) {
     check(header_size <= bytes.size() - 8, where + "header length " + std::to_string(header_size) + " runs past the end of the file (truncated or not safetensors)");
     const size_t buffer_start = 8 + header_size, buffer_size = bytes.size() - buffer_start;
 
-    Json header;
-    try {
-        header = parse_json(std::string_view(bytes.data() + 8, header_size));
-    } catch (const Error& e) {
-        throw Error(where + "header is not valid JSON (" + e.what() + ")");
-    }
+    const Json header = parse_json_in(std::string_view(bytes.data() + 8, header_size), where + "header");
     check(std::holds_alternative<JsonObject>(header.value), where + "header is not a JSON object");
 
     SafetensorsFile result;
@@ -1700,12 +1704,7 @@ std::string config_to_json(const ModelConfig& c) {
 }
 
 ModelConfig config_from_json(const std::string& text, const std::string& where) {
-    Json json;
-    try {
-        json = parse_json(text);
-    } catch (const Error& e) {
-        throw Error(where + "config is not valid JSON (" + e.what() + ")");
-    }
+    const Json json = parse_json_in(text, where + "config");
     ModelConfig c;
     c.vocab_size = json_int(json.find("vocab_size"), where + "config vocab_size");
     c.dim = json_int(json.find("hidden_size"), where + "config hidden_size");
@@ -1741,12 +1740,7 @@ std::string tokenizer_to_json(const Tokenizer& tokenizer) {
 }
 
 Tokenizer tokenizer_from_json(const std::string& text, const std::string& where) {
-    Json json;
-    try {
-        json = parse_json(text);
-    } catch (const Error& e) {
-        throw Error(where + "tokenizer is not valid JSON (" + e.what() + ")");
-    }
+    const Json json = parse_json_in(text, where + "tokenizer");
     const std::string type = json_string(json.find("type"), where + "tokenizer type");
     if (type == "bpe") {
         const Json* list = json.find("merges");
@@ -2022,12 +2016,7 @@ std::string training_state_to_json(const TrainingState& state, const TrainConfig
 // Restores the state and the schedule (train's fields) of a checkpoint written during training.
 TrainingState training_state_from_checkpoint(Checkpoint& checkpoint, TrainConfig& train, const std::string& where) {
     check(checkpoint.metadata.contains("train_state"), where + "has no training state (it was not written by ./gpt train)");
-    Json json;
-    try {
-        json = parse_json(checkpoint.metadata["train_state"]);
-    } catch (const Error& e) {
-        throw Error(where + "train_state is not valid JSON (" + e.what() + ")");
-    }
+    const Json json = parse_json_in(checkpoint.metadata["train_state"], where + "train_state");
     TrainingState state = make_training_state(checkpoint.model, 0);
     state.step = json_int(json.find("step"), where + "train_state step");
     train.steps = json_int(json.find("steps"), where + "train_state steps");
