@@ -5,7 +5,7 @@
   torch_reference.py compare --gpt BIN --model M --data F              -> table; exit 1 on a mismatch
   torch_reference.py train-check --gpt BIN --data F                    -> checks one AdamW step at a time
 """
-import argparse, json, math, os, shutil, struct, subprocess, sys, tempfile
+import argparse, json, math, os, re, shutil, struct, subprocess, sys, tempfile
 import torch
 import torch.nn.functional as F
 
@@ -53,13 +53,21 @@ def load_checkpoint(path):
     cfg, tok = json.loads(meta["config"]), json.loads(meta["tokenizer"])
     if sorted(cfg) != sorted(CONFIG_KEYS):
         fail(f"config keys {sorted(cfg)} != {sorted(CONFIG_KEYS)} (MoE configs are not supported here)")
-    if tok.get("type") != "char":
-        fail(f"tokenizer type {tok.get('type')!r}: this reference only does 'char'")
-    chars = tok["chars"]
-    if list(chars) != sorted(set(chars)):
-        fail("tokenizer chars are not distinct and sorted by code point")
-    if cfg["vocab_size"] != len(chars) + 1:
-        fail(f"vocab_size {cfg['vocab_size']} != {len(chars)} chars + EOT")
+    if tok.get("type") == "bpe":
+        merges = [tuple(m) for m in tok["merges"]]
+        for r, (a, b) in enumerate(merges):
+            if not (0 <= a < 256 + r and 0 <= b < 256 + r):
+                fail(f"merge {r} ({a}, {b}) uses an id that does not exist yet")
+        if cfg["vocab_size"] != 256 + len(merges) + 1:
+            fail(f"vocab_size {cfg['vocab_size']} != 256 bytes + {len(merges)} merges + EOT")
+    elif tok.get("type") == "char":
+        chars = tok["chars"]
+        if list(chars) != sorted(set(chars)):
+            fail("tokenizer chars are not distinct and sorted by code point")
+        if cfg["vocab_size"] != len(chars) + 1:
+            fail(f"vocab_size {cfg['vocab_size']} != {len(chars)} chars + EOT")
+    else:
+        fail(f"tokenizer type {tok.get('type')!r} is neither 'char' nor 'bpe'")
     D, H, G = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     if D % H or (D // H) % 2 or H % G:
         fail(f"bad head layout D={D} H={H} G={G}")
@@ -86,20 +94,62 @@ def load_checkpoint(path):
     return tensors, dict(meta, config=cfg, tokenizer=tok)
 
 
-def encode_split(data_path, chars, split):
-    """§1/§2: one document per line, trailing \\r dropped, empty lines skipped; doc i is val when i % 10 == 9."""
+# §2 byte-level BPE, from README's pre-tokenisation rule: contractions, an optional space and a run of letters,
+# digits or symbols, whitespace runs that leave their last character to a following non-space.
+LETTER = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u1fff\u2c00-\u2fff\u3040-\U0010ffff"
+SPACE = " \t\n\v\f\r"
+CHUNK = re.compile(f"'(?:re|ve|ll|s|t|m|d)| ?[{LETTER}]+| ?[0-9]+| ?[^{LETTER}0-9{SPACE}]+|[{SPACE}]+(?![^{SPACE}])|[{SPACE}]+")
+
+
+def bpe_encoder(merges):
+    rank = {pair: r for r, pair in enumerate(merges)}
+
+    def encode(text):
+        out = []
+        for chunk in CHUNK.findall(text):
+            ids = list(chunk.encode("utf-8"))
+            while len(ids) > 1:
+                best = min((rank.get(p, len(rank)), p) for p in zip(ids, ids[1:]))
+                if best[0] == len(rank):
+                    break
+                merged, i, new = 256 + best[0], 0, []
+                while i < len(ids):
+                    if i + 1 < len(ids) and (ids[i], ids[i + 1]) == best[1]:
+                        new.append(merged)
+                        i += 2
+                    else:
+                        new.append(ids[i])
+                        i += 1
+                ids = new
+            out += ids
+        return out
+    return encode
+
+
+def char_encoder(chars):
     ids = {c: i for i, c in enumerate(chars)}
-    eot = len(chars)
+
+    def encode(text):
+        for ch in text:
+            if ch not in ids:
+                fail(f"character {ch!r} (U+{ord(ch):04X}) is not in the checkpoint's vocabulary")
+        return [ids[ch] for ch in text]
+    return encode
+
+
+def encode_split(data_path, tokenizer, split):
+    """§1/§2: one document per line, trailing \\r dropped, empty lines skipped; doc i is val when i % 10 == 9."""
+    if tokenizer["type"] == "bpe":
+        merges = [tuple(m) for m in tokenizer["merges"]]
+        encode, eot = bpe_encoder(merges), 256 + len(merges)
+    else:
+        encode, eot = char_encoder(tokenizer["chars"]), len(tokenizer["chars"])
     docs = [ln[:-1] if ln.endswith("\r") else ln for ln in open(data_path, "rb").read().decode("utf-8").split("\n")]
     docs = [d for d in docs if d]
     stream = [eot]
     for i, d in enumerate(docs):
         if split == "all" or (split == "val") == (i % 10 == 9):
-            for ch in d:
-                if ch not in ids:
-                    fail(f"character {ch!r} (U+{ord(ch):04X}) is not in the checkpoint's vocabulary")
-                stream.append(ids[ch])
-            stream.append(eot)
+            stream += encode(d) + [eot]
     return stream
 
 
@@ -148,7 +198,7 @@ def evaluate(model, data, split):
     tensors, meta = load_checkpoint(model)
     c = meta["config"]
     W = {k: v.double() for k, v in tensors.items() if not k.startswith("optimizer.")}
-    s = torch.tensor(encode_split(data, meta["tokenizer"]["chars"], split))
+    s = torch.tensor(encode_split(data, meta["tokenizer"], split))
     T, n = c["max_position_embeddings"], len(s)
     full = (n - 1) // T  # windows with T targets; the rest (if any) is one shorter window
     total = torch.zeros((), dtype=torch.float64)
