@@ -42,13 +42,17 @@
 //   1d     4096^3, B transposed            3.367    40.8
 //   2      B4 H16 N4096 d64               14.589    18.8
 //   3b     B4 H16 N4096 d64               46.021     6.0             0.32   (see stage 3)
-//   4      B4 H16 N4096 d64               12.695    21.7             3.63
-//   5      B4 H16 N4096 d64                7.268    37.8             1.75
-//   6      B4 H16 N4096 d64                7.425    37.0             0.98   (non-causal: the same work as 5)
+//   4      B4 H16 N4096 d64               12.584    21.8             3.66   *
+//   5      B4 H16 N4096 d64                7.097    38.7             1.77   *
+//   6      B4 H16 N4096 d64                7.030    39.1             1.01   * (non-causal: the same work as 5)
 //   5      B4 H16 N4096 d64 causal         7.363    18.7
-//   6      B4 H16 N4096 d64 causal         4.152    33.1             1.77
-//   5      B2 H16 N8192 d128              27.282    40.3             2.02
-//   6      B2 H16 N8192 d128 causal       14.223    38.7             1.92   (vs 5 causal, 27.238 ms)
+//   6      B4 H16 N4096 d64 causal         3.981    34.5             1.85   * (vs 5 causal, 7.363 ms, not re-run)
+//   5      B2 H16 N8192 d128              26.491    41.5             2.08   * (vs 4 d128, 55.0 ms, not re-run)
+//   6      B2 H16 N8192 d128              26.624    41.3             1.00   *
+//   6      B2 H16 N8192 d128 causal       13.967    39.4             1.95   * (vs 5 causal, 27.238 ms, not re-run)
+// * Measured again on the same H100 80GB HBM3, 2026-11-23, after scores_tile and pv_tile went from unroll 4 to
+//   unroll 8, with `./gpt_cuda run --stage S --batch B --heads 16 --kv-heads 16 --n N --d D [--causal]` (median of 10;
+//   same run, the unroll-4 build: 4 12.688, 5 7.268 / 27.284, 6 7.421 / 4.138 causal / 27.338 / 14.316 causal ms).
 //
 // Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | runner | bench | CLI.
 
@@ -741,7 +745,8 @@ void s3b_attention_streaming(float* out, float* lse, const float* q, const float
 // rewrites all of O:  O = (l e^(m - m_new) O + e^(m~ - m_new) P~ V) / l_new. Changes from stage 3: K/V values are reused
 // by 128 query rows from shared memory instead of being re-read per row. Slower than it could be because O, m, l make
 // Nk/64 round trips through memory; stage 5 fixes that. Measured (H100, 2026-11-23, ./gpt_cuda bench): B4 H16 N4096
-// d64 12.7 ms, 21.7 TFLOP/s (3.63x of 3b, 1.15x of stage 2); causal 12.8 ms, 10.8 TFLOP/s. B2 H16 N8192 d128 55.0 ms,
+// d64 12.7 ms, 21.7 TFLOP/s (3.63x of 3b, 1.15x of stage 2; 12.6 ms, 21.8 with unroll 8 in scores_tile and pv_tile,
+// ./gpt_cuda run); causal 12.8 ms, 10.8 TFLOP/s. B2 H16 N8192 d128 55.0 ms,
 // 20.0 TFLOP/s: slower than stage 2 (38.5 ms) there, because each of its 128 launches re-reads and rewrites all of O
 // (134 MB) and reloads Q: about 50 GB of traffic that stage 5 removes.
 //
@@ -848,7 +853,7 @@ __device__ void scores_tile(float (&s)[rows_per_thread][keys_per_thread], const 
     for (int r = 0; r < rows_per_thread; ++r)
 #pragma unroll
         for (int c = 0; c < keys_per_thread; ++c) s[r][c] = 0.0f;
-#pragma unroll 4
+#pragma unroll 8  // 8, not 4: 2-3% faster at d128, 6% causal d64 (loads of the next steps issue earlier)
     for (int d0 = 0; d0 < HD; d0 += 4) {
         float4 kk[keys_per_thread];
 #pragma unroll
@@ -896,7 +901,7 @@ __device__ void store_p_tile(float* p_t, const float (&p)[rows_per_thread][keys_
 template <int HD>
 __device__ void pv_tile(float (&acc)[rows_per_thread][HD / 16], const float* p_t, const float* v_s, const int ty,
                         const int tx) {
-#pragma unroll 4
+#pragma unroll 8  // likewise
     for (int key = 0; key < flash_keys; ++key) {
         const float4 p_lo = *reinterpret_cast<const float4*>(p_t + key * p_stride + ty * 8);
         const float4 p_hi = *reinterpret_cast<const float4*>(p_t + key * p_stride + ty * 8 + 4);
@@ -1011,10 +1016,11 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // V take turns with the math (cp.async): V_j arrives while S = Q K_j^T is computed, K_j+1 while P V_j is, so the
 // block rarely waits for memory. Causal rows are handled by masking every tile (stage 6 skips the tiles that are fully
 // masked). Faster because the only memory traffic left is reading Q once and K, V once per query block, and it
-// overlaps the arithmetic. Measured (H100, 2026-11-23, ./gpt_cuda bench): B4 H16 N4096 d64 7.27 ms, 37.8 TFLOP/s
-// (1.75x of stage 4; causal 7.36 ms, 18.7 TFLOP/s); B2 H16 N8192 d128 27.3 ms, 40.3 TFLOP/s (2.02x of stage 4);
-// B8 H12 N1024 d64 0.706 ms, 36.5 TFLOP/s. One block of 256 threads per SM at d128 (184 registers, 165 KB of shared
-// memory), two at d64: ncu shows the issue slots 72% busy and the FMA pipe 62% busy at d128.
+// overlaps the arithmetic. Measured (H100, 2026-11-23, ./gpt_cuda run, after unroll 8 in scores_tile and pv_tile):
+// B4 H16 N4096 d64 7.10 ms, 38.7 TFLOP/s (was 7.27 ms, 37.8 with unroll 4); B2 H16 N8192 d128 26.5 ms, 41.5 TFLOP/s
+// (was 27.3 ms, 40.3). Earlier, with unroll 4 (./gpt_cuda bench): causal d64 7.36 ms, 18.7 TFLOP/s; d128 2.02x of
+// stage 4; B8 H12 N1024 d64 0.706 ms, 36.5 TFLOP/s. One block of 256 threads per SM at d128 (165 KB of shared memory),
+// two at d64; with unroll 4 (184 registers) ncu showed the issue slots 72% busy and the FMA pipe 62% busy at d128.
 
 // Before the loop: Q is in q_t and K_0 is arriving in k_s. Waits for K_0 and makes Q and K_0 visible to all threads.
 __device__ void flash2_prologue_wait() {
@@ -1119,9 +1125,11 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // h / (H/G) of every stage: the H/G query heads of a group are adjacent in the grid and share their K/V in L2.
 // Changes from stage 5: tile skipping, mask only on diagonal tiles, longest-first order. Faster because causal
 // attention does half the work of stage 5's masked loop; without a mask it is stage 5. Measured (H100, 2026-11-23,
-// ./gpt_cuda bench): causal B4 H16 N4096 d64 4.15 ms, 33.1 TFLOP/s (1.77x of stage 5); causal B2 H16 N8192 d128
-// 14.2 ms, 38.7 TFLOP/s (1.92x); causal B8 H12 N1024 d64 0.518 ms, 24.9 TFLOP/s (1.38x). Non-causal it does stage 5's
-// work: B4 H16 N4096 d64 7.43 ms, 37.0 TFLOP/s (0.98x); B2 H16 N8192 d128 27.3 ms, 40.2 TFLOP/s (1.00x).
+// ./gpt_cuda run, after unroll 8 in scores_tile and pv_tile): causal B4 H16 N4096 d64 3.98 ms, 34.5 TFLOP/s (was
+// 4.14 ms, 33.2 with unroll 4); causal B2 H16 N8192 d128 14.0 ms, 39.4 TFLOP/s (was 14.3 ms, 38.4). Non-causal it
+// does stage 5's work: B4 H16 N4096 d64 7.03 ms, 39.1 TFLOP/s (was 7.42 ms, 37.0); B2 H16 N8192 d128 26.6 ms,
+// 41.3 TFLOP/s (was 27.3 ms, 40.2). Earlier, with unroll 4 (./gpt_cuda bench): causal B8 H12 N1024 d64 0.518 ms,
+// 24.9 TFLOP/s (1.38x of stage 5).
 template <int HD>
 __global__ void __launch_bounds__(flash_threads)
     s6_attention_flash_causal_kernel(float* out, float* lse, const float* q, const float* k, const float* v,

