@@ -1271,6 +1271,13 @@ Tensor& cached_attention(Tape& tape, Tensor& q, Tensor& k, Tensor& v, std::vecto
 
 constexpr float init_std = 0.02f;
 
+// A SwiGLU MLP of hidden size F: ffn(x) = W_down (silu(W_gate x) * (W_up x)).
+struct SwiGLU {
+    Tensor w_gate;     // [F, D]       gate_proj
+    Tensor w_up;       // [F, D]       up_proj
+    Tensor w_down;     // [D, F]       down_proj
+};
+
 struct Layer {
     Tensor attn_norm;  // [D]          input_layernorm
     Tensor wq;         // [H*hd, D]    q_proj
@@ -1278,9 +1285,7 @@ struct Layer {
     Tensor wv;         // [G*hd, D]    v_proj
     Tensor wo;         // [D, H*hd]    o_proj
     Tensor ffn_norm;   // [D]          post_attention_layernorm
-    Tensor w_gate;     // [F, D]       mlp.gate_proj
-    Tensor w_up;       // [F, D]       mlp.up_proj
-    Tensor w_down;     // [D, F]       mlp.down_proj
+    SwiGLU mlp;        //              mlp.{gate,up,down}_proj
 };
 
 struct Model {
@@ -1309,9 +1314,9 @@ std::vector<Parameter> model_parameters(Model& model) {
         params.push_back({prefix + "self_attn.v_proj.weight", &layer.wv, true});
         params.push_back({prefix + "self_attn.o_proj.weight", &layer.wo, true});
         params.push_back({prefix + "post_attention_layernorm.weight", &layer.ffn_norm, false});
-        params.push_back({prefix + "mlp.gate_proj.weight", &layer.w_gate, true});
-        params.push_back({prefix + "mlp.up_proj.weight", &layer.w_up, true});
-        params.push_back({prefix + "mlp.down_proj.weight", &layer.w_down, true});
+        params.push_back({prefix + "mlp.gate_proj.weight", &layer.mlp.w_gate, true});
+        params.push_back({prefix + "mlp.up_proj.weight", &layer.mlp.w_up, true});
+        params.push_back({prefix + "mlp.down_proj.weight", &layer.mlp.w_down, true});
     }
     params.push_back({"model.norm.weight", &model.final_norm, false});
     if (!model.config.tie_embeddings) params.push_back({"lm_head.weight", &model.lm_head, true});
@@ -1329,7 +1334,7 @@ Model make_model(const ModelConfig& config) {
     for (int l = 0; l < config.n_layers; ++l)
         model.layers.push_back({make_tensor({D}, true), make_tensor({q_dim, D}, true), make_tensor({kv_dim, D}, true),
                                 make_tensor({kv_dim, D}, true), make_tensor({D, q_dim}, true), make_tensor({D}, true),
-                                make_tensor({F, D}, true), make_tensor({F, D}, true), make_tensor({D, F}, true)});
+                                {make_tensor({F, D}, true), make_tensor({F, D}, true), make_tensor({D, F}, true)}});
     model.final_norm = make_tensor({D}, true);
     if (!config.tie_embeddings) model.lm_head = make_tensor({V, D}, true);
     return model;
@@ -1365,6 +1370,13 @@ KvCache make_kv_cache(const ModelConfig& c) {
     return cache;
 }
 
+// x: [N, D] -> W_down (silu(W_gate x) * (W_up x)): [N, D], for each of the N rows.
+Tensor& swiglu(Tape& tape, Tensor& x, SwiGLU& mlp) {
+    Tensor& gate = silu(tape, matmul(tape, x, mlp.w_gate));
+    Tensor& hidden = mul(tape, gate, matmul(tape, x, mlp.w_up));
+    return matmul(tape, hidden, mlp.w_down);
+}
+
 // tokens: [B*T] -> logits: [B*T, V]. Every step is an op recorded on the tape (when it records), so the
 // same function serves training (with backward), evaluation, and inference with a KV cache: then B = 1, the
 // tokens sit at positions cache.length .. cache.length + T - 1, attend to the cached ones, and are added to it.
@@ -1386,9 +1398,7 @@ Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, con
         x = &add(tape, *x, matmul(tape, attended, layer.wo));
         // feed-forward block: x = x + down_proj(silu(gate_proj(h)) * up_proj(h))
         Tensor& h2 = rms_norm(tape, *x, layer.ffn_norm, c.norm_eps);
-        Tensor& gate = silu(tape, matmul(tape, h2, layer.w_gate));
-        Tensor& hidden = mul(tape, gate, matmul(tape, h2, layer.w_up));
-        x = &add(tape, *x, matmul(tape, hidden, layer.w_down));
+        x = &add(tape, *x, swiglu(tape, h2, layer.mlp));
     }
     if (cache) cache->length += T;
     Tensor& final = rms_norm(tape, *x, model.final_norm, c.norm_eps);
