@@ -253,8 +253,16 @@ struct ModelConfig {
     bool tie_embeddings = false;
     float rope_theta = 10000.0f;
     float norm_eps = 1e-5f;
+    // Mixture of experts (DESIGN.md §3); n_experts = 0 is the dense model.
+    int n_experts = 0;             // E routed experts per MoE layer
+    int top_k_experts = 0;         // K experts chosen per token
+    int n_shared_experts = 0;      // S: the shared expert has hidden size S * Fe
+    int expert_ffn_dim = 0;        // Fe, each expert's hidden size
+    std::string scoring = "sigmoid";  // sigmoid (DeepSeek-V3) or softmax (Switch / Mixtral)
+    int dense_layers = 0;          // the first k layers keep the dense MLP (first_k_dense_replace)
 
     int head_dim() const { return dim / n_heads; }
+    bool is_moe_layer(const int l) const { return n_experts > 0 && l >= dense_layers; }
 };
 
 void validate_model_config(const ModelConfig& c) {
@@ -270,6 +278,20 @@ void validate_model_config(const ModelConfig& c) {
           "--heads " + std::to_string(c.n_heads) + " is not divisible by --kv-heads " + std::to_string(c.n_kv_heads));
     check(c.head_dim() % 2 == 0, "head size " + std::to_string(c.head_dim()) + " is odd; RoPE rotates pairs, so D / H must be even");
     check(c.rope_theta > 0 && c.norm_eps > 0, "rope_theta and rms_norm_eps must be positive");
+    check(c.scoring == "sigmoid" || c.scoring == "softmax", "--scoring must be sigmoid or softmax, got '" + c.scoring + "'");
+    check(c.n_experts >= 0, "--experts must not be negative, got " + std::to_string(c.n_experts));
+    if (c.n_experts == 0) {
+        check(c.top_k_experts == 0 && c.n_shared_experts == 0 && c.expert_ffn_dim == 0 && c.dense_layers == 0,
+              "--top-k-experts, --shared-experts, --expert-ffn and --dense-layers need --experts E > 0");
+        return;
+    }
+    check(c.top_k_experts >= 1 && c.top_k_experts <= c.n_experts, "--top-k-experts must be between 1 and --experts " +
+                                                                       std::to_string(c.n_experts) + ", got " + std::to_string(c.top_k_experts));
+    check(c.n_shared_experts >= 0, "--shared-experts must not be negative, got " + std::to_string(c.n_shared_experts));
+    check(c.expert_ffn_dim >= 1, "--expert-ffn must be positive, got " + std::to_string(c.expert_ffn_dim));
+    check(c.dense_layers >= 0 && c.dense_layers < c.n_layers, "--dense-layers must be between 0 and --layers - 1 = " +
+                                                                  std::to_string(c.n_layers - 1) + " (at least one MoE layer), got " +
+                                                                  std::to_string(c.dense_layers));
 }
 
 struct TrainConfig {
@@ -283,6 +305,8 @@ struct TrainConfig {
     int warmup = 100;
     uint64_t seed = 1337;
     int eval_every = 250;
+    float bias_rate = 1e-3f;  // gamma, MoE sigmoid scoring: the routing bias moves by this much per step
+    float aux_loss = 0.01f;   // alpha, MoE softmax scoring: the weight of the load-balancing loss
 };
 
 struct SampleConfig {
@@ -1262,12 +1286,14 @@ Tensor& cached_attention(Tape& tape, Tensor& q, Tensor& k, Tensor& v, std::vecto
 }
 
 // ==== 9. Model ====
-// The dense GPT of DESIGN.md §3, a pre-norm decoder in the Llama style without biases:
+// The GPT of DESIGN.md §3, a pre-norm decoder in the Llama / DeepSeek-V3 style without biases:
 //   x = embed[tokens]
-//   x = x + attention(rms_norm(x)),  x = x + mlp(rms_norm(x))     for each layer
+//   x = x + attention(rms_norm(x)),  x = x + ffn(rms_norm(x))     for each layer
 //   logits = rms_norm(x) @ W_lm_head^T                              (W_lm_head = embed when tied)
-// Initialisation (§4): matrices ~ N(0, 0.02), the two projections that write into the residual stream
-// (o_proj, down_proj) ~ N(0, 0.02 / sqrt(2L)), norm weights 1, drawn in the order of model_parameters().
+// where ffn is the dense SwiGLU MLP, or in MoE layers a mixture of experts (see below).
+// Initialisation (§4): matrices ~ N(0, 0.02), the projections that write into the residual stream
+// (o_proj and every down_proj) ~ N(0, 0.02 / sqrt(2L)), norm weights 1, routing biases 0, drawn in the order
+// of model_parameters().
 
 constexpr float init_std = 0.02f;
 
@@ -1278,6 +1304,16 @@ struct SwiGLU {
     Tensor w_down;     // [D, F]       down_proj
 };
 
+// The feed-forward of an MoE layer: a router that picks K of E experts per token, the experts (SwiGLU MLPs
+// of hidden size Fe) and, when S > 0, a shared expert of hidden size S*Fe that every token goes through.
+struct MixtureOfExperts {
+    Tensor router;                // [E, D]   mlp.gate.weight
+    Tensor router_bias;           // [E]      mlp.gate.e_score_correction_bias: only chooses, never weighs; no gradient
+    std::vector<SwiGLU> experts;  //          mlp.experts.{e}.{gate,up,down}_proj
+    SwiGLU shared;                //          mlp.shared_experts.{gate,up,down}_proj (empty when S = 0)
+    std::vector<int> counts;      // [E] tokens routed to each expert by the last forward pass (a token counts K times)
+};
+
 struct Layer {
     Tensor attn_norm;  // [D]          input_layernorm
     Tensor wq;         // [H*hd, D]    q_proj
@@ -1285,7 +1321,8 @@ struct Layer {
     Tensor wv;         // [G*hd, D]    v_proj
     Tensor wo;         // [D, H*hd]    o_proj
     Tensor ffn_norm;   // [D]          post_attention_layernorm
-    SwiGLU mlp;        //              mlp.{gate,up,down}_proj
+    SwiGLU mlp;        //              mlp.{gate,up,down}_proj: dense layers
+    MixtureOfExperts moe;  //          MoE layers (ModelConfig::is_moe_layer)
 };
 
 struct Model {
@@ -1300,7 +1337,14 @@ struct Parameter {
     std::string name;          // the safetensors tensor name (DESIGN.md §6)
     Tensor* tensor;
     bool is_matrix;            // matrices get weight decay, norm weights do not
+    bool is_trained = true;    // false for the routing bias, which balancing moves instead of the optimizer
 };
+
+void add_swiglu_parameters(std::vector<Parameter>& params, const std::string& prefix, SwiGLU& mlp) {
+    params.push_back({prefix + "gate_proj.weight", &mlp.w_gate, true});
+    params.push_back({prefix + "up_proj.weight", &mlp.w_up, true});
+    params.push_back({prefix + "down_proj.weight", &mlp.w_down, true});
+}
 
 // Every parameter with its checkpoint name, in one fixed order (init, optimizer and checkpoint all use it).
 std::vector<Parameter> model_parameters(Model& model) {
@@ -1314,27 +1358,54 @@ std::vector<Parameter> model_parameters(Model& model) {
         params.push_back({prefix + "self_attn.v_proj.weight", &layer.wv, true});
         params.push_back({prefix + "self_attn.o_proj.weight", &layer.wo, true});
         params.push_back({prefix + "post_attention_layernorm.weight", &layer.ffn_norm, false});
-        params.push_back({prefix + "mlp.gate_proj.weight", &layer.mlp.w_gate, true});
-        params.push_back({prefix + "mlp.up_proj.weight", &layer.mlp.w_up, true});
-        params.push_back({prefix + "mlp.down_proj.weight", &layer.mlp.w_down, true});
+        if (!model.config.is_moe_layer(static_cast<int>(l))) {
+            add_swiglu_parameters(params, prefix + "mlp.", layer.mlp);
+            continue;
+        }
+        params.push_back({prefix + "mlp.gate.weight", &layer.moe.router, true});
+        params.push_back({prefix + "mlp.gate.e_score_correction_bias", &layer.moe.router_bias, false, false});
+        for (size_t e = 0; e < layer.moe.experts.size(); ++e)
+            add_swiglu_parameters(params, prefix + "mlp.experts." + std::to_string(e) + ".", layer.moe.experts[e]);
+        if (model.config.n_shared_experts > 0) add_swiglu_parameters(params, prefix + "mlp.shared_experts.", layer.moe.shared);
     }
     params.push_back({"model.norm.weight", &model.final_norm, false});
     if (!model.config.tie_embeddings) params.push_back({"lm_head.weight", &model.lm_head, true});
     return params;
 }
 
-// Allocates every parameter (values zero, gradients zero) with the shapes of §6.
+// The parameters the optimizer updates (all but the routing biases), in model_parameters() order.
+std::vector<Parameter> trained_parameters(Model& model) {
+    std::vector<Parameter> params = model_parameters(model);
+    std::erase_if(params, [](const Parameter& p) { return !p.is_trained; });
+    return params;
+}
+
+SwiGLU make_swiglu(const int D, const int F) {
+    return {make_tensor({F, D}, true), make_tensor({F, D}, true), make_tensor({D, F}, true)};
+}
+
+// Allocates every parameter (values zero, gradients zero; the routing bias has no gradient) with the shapes of §6.
 Model make_model(const ModelConfig& config) {
     validate_model_config(config);
-    const int V = config.vocab_size, D = config.dim, F = config.ffn_dim, hd = config.head_dim();
+    const int V = config.vocab_size, D = config.dim, hd = config.head_dim(), E = config.n_experts;
     const int q_dim = config.n_heads * hd, kv_dim = config.n_kv_heads * hd;
     Model model;
     model.config = config;
     model.embed = make_tensor({V, D}, true);
-    for (int l = 0; l < config.n_layers; ++l)
-        model.layers.push_back({make_tensor({D}, true), make_tensor({q_dim, D}, true), make_tensor({kv_dim, D}, true),
-                                make_tensor({kv_dim, D}, true), make_tensor({D, q_dim}, true), make_tensor({D}, true),
-                                {make_tensor({F, D}, true), make_tensor({F, D}, true), make_tensor({D, F}, true)}});
+    for (int l = 0; l < config.n_layers; ++l) {
+        Layer layer{make_tensor({D}, true), make_tensor({q_dim, D}, true), make_tensor({kv_dim, D}, true),
+                    make_tensor({kv_dim, D}, true), make_tensor({D, q_dim}, true), make_tensor({D}, true), {}, {}};
+        if (!config.is_moe_layer(l)) {
+            layer.mlp = make_swiglu(D, config.ffn_dim);
+        } else {
+            layer.moe.router = make_tensor({E, D}, true);
+            layer.moe.router_bias = make_tensor({E}, false);
+            for (int e = 0; e < E; ++e) layer.moe.experts.push_back(make_swiglu(D, config.expert_ffn_dim));
+            if (config.n_shared_experts > 0) layer.moe.shared = make_swiglu(D, config.n_shared_experts * config.expert_ffn_dim);
+            layer.moe.counts.assign(E, 0);
+        }
+        model.layers.push_back(std::move(layer));
+    }
     model.final_norm = make_tensor({D}, true);
     if (!config.tie_embeddings) model.lm_head = make_tensor({V, D}, true);
     return model;
@@ -1349,7 +1420,7 @@ void init_model(Model& model, const uint64_t seed) {
     const float residual_std = init_std / std::sqrt(2.0f * model.config.n_layers);
     for (const Parameter& p : model_parameters(model)) {
         const float std = is_residual_projection(p.name) ? residual_std : init_std;
-        for (float& value : p.tensor->data) value = p.is_matrix ? std * rng.normal() : 1.0f;
+        for (float& value : p.tensor->data) value = p.is_matrix ? std * rng.normal() : p.is_trained ? 1.0f : 0.0f;
     }
 }
 
@@ -1377,10 +1448,224 @@ Tensor& swiglu(Tape& tape, Tensor& x, SwiGLU& mlp) {
     return matmul(tape, hidden, mlp.w_down);
 }
 
+// ---- Mixture of experts (DESIGN.md §3, DeepSeek-V3) ----
+// Each token x (a row of the normed residual stream) is sent to K of E experts:
+//   router logits  r = W_router x                                 [E]
+//   scores         s_e = sigmoid(r_e)   or   p_e = softmax(r)_e
+//   choice         the K experts with the largest s_e + b_e       (sigmoid; b is the routing bias, it only chooses)
+//                  the K experts with the largest p_e             (softmax)
+//   gates          g_e = s_e / sum_{chosen} s_e'                   (the chosen scores, renormalised)
+//   output         y = shared(x) + sum_{chosen} g_e expert_e(x)
+// Dispatch by expert: the tokens that chose expert e are gathered into one [n_e, D] batch and go through that
+// expert's SwiGLU as three matmuls; the gated outputs are scattered back to their rows. The work grows with
+// K (every token runs K experts), not with E. The choice itself has no gradient; the gates do, so the router
+// learns through them. Balancing keeps experts evenly loaded: sigmoid scoring moves the bias after each
+// optimizer step (b_e += gamma sign(mean c - c_e), c_e = tokens routed to e in the batch); softmax scoring adds
+// the Switch loss alpha E sum_e f_e P_e (f_e the share of the N*K choices that went to e, P_e the mean of p_e).
+
+// Scores, row by row.  sigmoid: ds -> dr = ds s (1 - s).  softmax: dr = p (dp - sum_j dp_j p_j).
+void expert_scores_forward(std::span<float> scores, std::span<const float> logits, const int N, const int E, const bool softmax) {
+    for (int n = 0; n < N; ++n) {
+        const float* r = &logits[size_t(n) * E];
+        float* s = &scores[size_t(n) * E];
+        if (!softmax) {
+            for (int e = 0; e < E; ++e) s[e] = sigmoid(r[e]);
+            continue;
+        }
+        const float max = *std::max_element(r, r + E);
+        float sum = 0.0f;
+        for (int e = 0; e < E; ++e) sum += s[e] = std::exp(r[e] - max);
+        for (int e = 0; e < E; ++e) s[e] /= sum;
+    }
+}
+void expert_scores_backward(std::span<float> dlogits, std::span<const float> dscores, std::span<const float> scores, const int N,
+                            const int E, const bool softmax) {
+    for (int n = 0; n < N; ++n) {
+        const float* s = &scores[size_t(n) * E];
+        const float* ds = &dscores[size_t(n) * E];
+        float* dr = &dlogits[size_t(n) * E];
+        float weighted = 0.0f;
+        if (softmax)
+            for (int e = 0; e < E; ++e) weighted += ds[e] * s[e];
+        for (int e = 0; e < E; ++e) dr[e] += softmax ? s[e] * (ds[e] - weighted) : ds[e] * s[e] * (1.0f - s[e]);
+    }
+}
+
+Tensor& expert_scores(Tape& tape, Tensor& logits, const bool softmax) {
+    const int N = logits.shape[0], E = logits.shape[1];
+    Tensor& scores = tape.make(logits.shape);
+    expert_scores_forward(scores.data, logits.data, N, E, softmax);
+    tape.on_backward([&scores, &logits, N, E, softmax] { expert_scores_backward(logits.grad, scores.grad, scores.data, N, E, softmax); });
+    return scores;
+}
+
+// Which experts each token chose, and where each token sits in its experts' batches.
+struct Routing {
+    int N = 0, K = 0;
+    std::vector<int> expert;               // [N, K]: token n's k-th expert (largest key first)
+    std::vector<int> row;                  // [N, K]: the row of token n in expert[n, k]'s batch
+    std::vector<std::vector<int>> tokens;  // per expert, the tokens routed to it, in increasing order
+};
+
+// For each token the K experts with the largest key s_e + b_e (b empty: no bias); ties go to the lower index.
+Routing choose_experts(std::span<const float> scores, std::span<const float> bias, const int N, const int E, const int K) {
+    Routing routing{N, K, std::vector<int>(size_t(N) * K), std::vector<int>(size_t(N) * K), std::vector<std::vector<int>>(E)};
+    std::vector<int> order(E);
+    std::vector<float> key(E);
+    for (int n = 0; n < N; ++n) {
+        for (int e = 0; e < E; ++e) key[e] = scores[size_t(n) * E + e] + (bias.empty() ? 0.0f : bias[e]);
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                          [&](const int a, const int b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
+        for (int k = 0; k < K; ++k) {
+            const int e = order[k];
+            routing.expert[size_t(n) * K + k] = e;
+            routing.row[size_t(n) * K + k] = static_cast<int>(routing.tokens[e].size());
+            routing.tokens[e].push_back(n);
+        }
+    }
+    return routing;
+}
+
+// gates [N, K]: g_nk = s_{n,e_k} / S_n with S_n = sum_j s_{n,e_j}.
+// Backward (quotient rule): ds_{n,e_k} += (dg_nk - sum_j dg_nj g_nj) / S_n.
+Tensor& expert_gates(Tape& tape, Tensor& scores, std::shared_ptr<const Routing> routing) {
+    const int N = routing->N, K = routing->K, E = scores.shape[1];
+    Tensor& gates = tape.make({N, K});
+    Tensor& sums = tape.make({N}, true);  // S_n, saved for backward
+    for (int n = 0; n < N; ++n) {
+        float sum = 0.0f;
+        for (int k = 0; k < K; ++k) sum += scores.data[size_t(n) * E + routing->expert[size_t(n) * K + k]];
+        sums.data[n] = sum;
+        for (int k = 0; k < K; ++k) gates.data[size_t(n) * K + k] = scores.data[size_t(n) * E + routing->expert[size_t(n) * K + k]] / sum;
+    }
+    tape.on_backward([&gates, &sums, &scores, routing, N, K, E] {
+        for (int n = 0; n < N; ++n) {
+            float weighted = 0.0f;
+            for (int k = 0; k < K; ++k) weighted += gates.grad[size_t(n) * K + k] * gates.data[size_t(n) * K + k];
+            for (int k = 0; k < K; ++k)
+                scores.grad[size_t(n) * E + routing->expert[size_t(n) * K + k]] += (gates.grad[size_t(n) * K + k] - weighted) / sums.data[n];
+        }
+    });
+    return gates;
+}
+
+// Expert e's batch: out[i] = x[tokens_e[i]], [n_e, D].  dx[tokens_e[i]] += dout[i].
+Tensor& expert_inputs(Tape& tape, Tensor& x, std::shared_ptr<const Routing> routing, const int e) {
+    const int D = x.shape[1], rows = static_cast<int>(routing->tokens[e].size());
+    Tensor& out = tape.make({rows, D});
+    parallel_rows(rows, D, [&](int begin, int end) {
+        for (int i = begin; i < end; ++i) std::copy_n(&x.data[size_t(routing->tokens[e][i]) * D], D, &out.data[size_t(i) * D]);
+    });
+    tape.on_backward([&out, &x, routing, e, rows, D] {
+        parallel_rows(rows, D, [&](int begin, int end) {
+            for (int i = begin; i < end; ++i)
+                for (int d = 0; d < D; ++d) x.grad[size_t(routing->tokens[e][i]) * D + d] += out.grad[size_t(i) * D + d];
+        });
+    });
+    return out;
+}
+
+// y_n = sum_k g_nk out_{e_nk}[row_nk], [N, D] (outputs[e] is expert e's batch output, null when no token chose e).
+// Backward: dout_e[row_nk] += g_nk dy_n,  dg_nk += dy_n . out_e[row_nk].
+Tensor& combine_experts(Tape& tape, const std::vector<Tensor*>& outputs, Tensor& gates, std::shared_ptr<const Routing> routing, const int D) {
+    const int N = routing->N, K = routing->K;
+    Tensor& y = tape.make({N, D});
+    const auto expert_row = [routing, outputs, D](const int n, const int k, const bool grad) {
+        const size_t i = size_t(n) * routing->K + k;
+        Tensor& out = *outputs[routing->expert[i]];
+        return (grad ? out.grad.data() : out.data.data()) + size_t(routing->row[i]) * D;
+    };
+    parallel_rows(N, 2.0 * K * D, [&](int begin, int end) {
+        for (int n = begin; n < end; ++n) {
+            float* y_n = &y.data[size_t(n) * D];
+            std::fill(y_n, y_n + D, 0.0f);
+            for (int k = 0; k < K; ++k) {
+                const float g = gates.data[size_t(n) * K + k];
+                const float* out = expert_row(n, k, false);
+                for (int d = 0; d < D; ++d) y_n[d] += g * out[d];
+            }
+        }
+    });
+    tape.on_backward([&y, &gates, expert_row, N, K, D] {
+        parallel_rows(N, 4.0 * K * D, [&](int begin, int end) {
+            for (int n = begin; n < end; ++n) {
+                const float* dy = &y.grad[size_t(n) * D];
+                for (int k = 0; k < K; ++k) {
+                    const float g = gates.data[size_t(n) * K + k];
+                    gates.grad[size_t(n) * K + k] += dot(dy, expert_row(n, k, false), D);
+                    float* dout = expert_row(n, k, true);
+                    for (int d = 0; d < D; ++d) dout[d] += g * dy[d];
+                }
+            }
+        });
+    });
+    return y;
+}
+
+// The Switch balancing loss of one layer (softmax scoring): alpha E sum_e f_e P_e, with f_e = c_e / (N K) and
+// P_e = (1/N) sum_n p_ne. f is a count and has no gradient, so dp_ne += dloss alpha E f_e / N.
+Tensor& switch_balance_loss(Tape& tape, Tensor& probs, std::shared_ptr<const Routing> routing, const float alpha) {
+    const int N = probs.shape[0], E = probs.shape[1], K = routing->K;
+    Tensor& loss = tape.make({1});
+    std::vector<float> weight(E);  // alpha E f_e / N = d loss / d p_ne
+    double total = 0.0;
+    for (int e = 0; e < E; ++e) {
+        weight[e] = alpha * E * float(routing->tokens[e].size()) / float(size_t(N) * K) / float(N);
+        for (int n = 0; n < N; ++n) total += double(weight[e]) * probs.data[size_t(n) * E + e];
+    }
+    loss.data[0] = static_cast<float>(total);
+    tape.on_backward([&loss, &probs, weight, N, E] {
+        for (int n = 0; n < N; ++n)
+            for (int e = 0; e < E; ++e) probs.grad[size_t(n) * E + e] += loss.grad[0] * weight[e];
+    });
+    return loss;
+}
+
+// Training collects the balancing loss of every softmax-scored MoE layer here and adds them to the loss.
+struct BalanceLoss {
+    float alpha = 0.0f;
+    std::vector<Tensor*> terms;
+};
+
+// x: [N, D] -> the MoE feed-forward, [N, D]. Records each expert's load in moe.counts.
+Tensor& moe_forward(Tape& tape, Tensor& x, MixtureOfExperts& moe, const ModelConfig& c, BalanceLoss* balance) {
+    const int N = x.shape[0], D = x.shape[1], E = c.n_experts;
+    const bool softmax = c.scoring == "softmax";
+    Tensor& scores = expert_scores(tape, matmul(tape, x, moe.router), softmax);
+    const auto routing = std::make_shared<const Routing>(
+        choose_experts(scores.data, softmax ? std::span<const float>() : std::span<const float>(moe.router_bias.data), N, E, c.top_k_experts));
+    Tensor& gates = expert_gates(tape, scores, routing);
+    std::vector<Tensor*> outputs(E, nullptr);
+    for (int e = 0; e < E; ++e) {
+        moe.counts[e] = static_cast<int>(routing->tokens[e].size());
+        if (moe.counts[e] > 0) outputs[e] = &swiglu(tape, expert_inputs(tape, x, routing, e), moe.experts[e]);
+    }
+    Tensor* y = &combine_experts(tape, outputs, gates, routing, D);
+    if (c.n_shared_experts > 0) y = &add(tape, *y, swiglu(tape, x, moe.shared));
+    if (balance && softmax && balance->alpha > 0.0f) balance->terms.push_back(&switch_balance_loss(tape, scores, routing, balance->alpha));
+    return *y;
+}
+
+// Auxiliary-loss-free balancing (sigmoid scoring), after each optimizer step: b_e += gamma sign(mean c - c_e),
+// with the counts of that step's batch. Overloaded experts become less likely to be chosen, idle ones more.
+void update_routing_biases(Model& model, const float gamma) {
+    if (model.config.n_experts == 0 || model.config.scoring != "sigmoid") return;
+    for (int l = 0; l < model.config.n_layers; ++l) {
+        if (!model.config.is_moe_layer(l)) continue;
+        MixtureOfExperts& moe = model.layers[l].moe;
+        const double mean = std::accumulate(moe.counts.begin(), moe.counts.end(), 0.0) / model.config.n_experts;
+        for (int e = 0; e < model.config.n_experts; ++e)
+            moe.router_bias.data[e] += gamma * float((mean > moe.counts[e]) - (mean < moe.counts[e]));
+    }
+}
+
 // tokens: [B*T] -> logits: [B*T, V]. Every step is an op recorded on the tape (when it records), so the
 // same function serves training (with backward), evaluation, and inference with a KV cache: then B = 1, the
 // tokens sit at positions cache.length .. cache.length + T - 1, attend to the cached ones, and are added to it.
-Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, const int B, const int T, KvCache* cache = nullptr) {
+// In training, balance collects the MoE balancing loss terms (softmax scoring).
+Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, const int B, const int T, KvCache* cache = nullptr,
+                      BalanceLoss* balance = nullptr) {
     const ModelConfig& c = model.config;
     const int pos0 = cache ? cache->length : 0;
     check(tokens.size() == size_t(B) * T, "model_forward: expected B*T tokens");
@@ -1396,9 +1681,9 @@ Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, con
         Tensor& attended = heads_merge(tape, cache ? cached_attention(tape, q, k, v, cache->keys[l], cache->values[l], pos0, cache->max_T)
                                                    : attention(tape, q, k, v));
         x = &add(tape, *x, matmul(tape, attended, layer.wo));
-        // feed-forward block: x = x + down_proj(silu(gate_proj(h)) * up_proj(h))
+        // feed-forward block: x = x + ffn(h), the dense MLP down_proj(silu(gate_proj(h)) * up_proj(h)) or the experts
         Tensor& h2 = rms_norm(tape, *x, layer.ffn_norm, c.norm_eps);
-        x = &add(tape, *x, swiglu(tape, h2, layer.mlp));
+        x = &add(tape, *x, c.is_moe_layer(static_cast<int>(l)) ? moe_forward(tape, h2, layer.moe, c, balance) : swiglu(tape, h2, layer.mlp));
     }
     if (cache) cache->length += T;
     Tensor& final = rms_norm(tape, *x, model.final_norm, c.norm_eps);
@@ -1409,13 +1694,25 @@ Tensor& model_forward(Tape& tape, Model& model, std::span<const int> tokens, con
 std::string describe_model(const ModelConfig& c) {
     return "L" + std::to_string(c.n_layers) + " D" + std::to_string(c.dim) + " H" + std::to_string(c.n_heads) + " G" +
            std::to_string(c.n_kv_heads) + " F" + std::to_string(c.ffn_dim) + " T" + std::to_string(c.context) + " V" +
-           std::to_string(c.vocab_size) + (c.tie_embeddings ? " tied" : "");
+           std::to_string(c.vocab_size) + (c.tie_embeddings ? " tied" : "") +
+           (c.n_experts == 0 ? "" : " MoE E" + std::to_string(c.n_experts) + " K" + std::to_string(c.top_k_experts) + " S" +
+                                        std::to_string(c.n_shared_experts) + " Fe" + std::to_string(c.expert_ffn_dim) + " " + c.scoring +
+                                        (c.dense_layers > 0 ? " dense-layers " + std::to_string(c.dense_layers) : ""));
 }
 
 size_t count_parameters(Model& model) {
     size_t n = 0;
     for (const Parameter& p : model_parameters(model)) n += p.tensor->numel();
     return n;
+}
+
+// The parameters one token uses: all, minus the E - K routed experts it does not run in each MoE layer.
+size_t count_active_parameters(Model& model) {
+    const ModelConfig& c = model.config;
+    size_t unused = 0;
+    for (int l = 0; l < c.n_layers; ++l)
+        if (c.is_moe_layer(l)) unused += size_t(c.n_experts - c.top_k_experts) * 3 * c.dim * c.expert_ffn_dim;
+    return count_parameters(model) - unused;
 }
 
 // ==== 10. Checkpoint: safetensors (DESIGN.md §6) ====
@@ -1710,7 +2007,12 @@ std::string config_to_json(const ModelConfig& c) {
            ",\"intermediate_size\":" + std::to_string(c.ffn_dim) + ",\"num_hidden_layers\":" + std::to_string(c.n_layers) +
            ",\"num_attention_heads\":" + std::to_string(c.n_heads) + ",\"num_key_value_heads\":" + std::to_string(c.n_kv_heads) +
            ",\"max_position_embeddings\":" + std::to_string(c.context) + ",\"rope_theta\":" + float_text(c.rope_theta) +
-           ",\"rms_norm_eps\":" + float_text(c.norm_eps) + ",\"tie_word_embeddings\":" + (c.tie_embeddings ? "true" : "false") + "}";
+           ",\"rms_norm_eps\":" + float_text(c.norm_eps) + ",\"tie_word_embeddings\":" + (c.tie_embeddings ? "true" : "false") +
+           (c.n_experts == 0 ? "" : ",\"n_routed_experts\":" + std::to_string(c.n_experts) + ",\"num_experts_per_tok\":" +
+                                       std::to_string(c.top_k_experts) + ",\"n_shared_experts\":" + std::to_string(c.n_shared_experts) +
+                                       ",\"moe_intermediate_size\":" + std::to_string(c.expert_ffn_dim) + ",\"scoring_func\":" +
+                                       json_quote(c.scoring) + ",\"first_k_dense_replace\":" + std::to_string(c.dense_layers)) +
+           "}";
 }
 
 ModelConfig config_from_json(const std::string& text, const std::string& where) {
@@ -1728,6 +2030,14 @@ ModelConfig config_from_json(const std::string& text, const std::string& where) 
     const Json* tie = json.find("tie_word_embeddings");
     check(tie && std::holds_alternative<bool>(tie->value), where + "config tie_word_embeddings is missing or not a boolean");
     c.tie_embeddings = std::get<bool>(tie->value);
+    if (json.find("n_routed_experts")) {  // an MoE model (DESIGN.md §6)
+        c.n_experts = json_int(json.find("n_routed_experts"), where + "config n_routed_experts");
+        c.top_k_experts = json_int(json.find("num_experts_per_tok"), where + "config num_experts_per_tok");
+        c.n_shared_experts = json_int(json.find("n_shared_experts"), where + "config n_shared_experts");
+        c.expert_ffn_dim = json_int(json.find("moe_intermediate_size"), where + "config moe_intermediate_size");
+        c.scoring = json_string(json.find("scoring_func"), where + "config scoring_func");
+        c.dense_layers = json_int(json.find("first_k_dense_replace"), where + "config first_k_dense_replace");
+    }
     try {
         validate_model_config(c);
     } catch (const Error& e) {
@@ -1873,14 +2183,14 @@ constexpr double max_gradient_norm = 1.0;
 struct TrainingState {
     int step = 0;                                  // optimizer steps done so far
     Rng rng{0};                                    // draws the training windows
-    std::vector<std::vector<float>> exp_avg;       // AdamW first moments, one per parameter (model_parameters order)
+    std::vector<std::vector<float>> exp_avg;       // AdamW first moments, one per trained parameter (trained_parameters order)
     std::vector<std::vector<float>> exp_avg_sq;    // AdamW second moments
 };
 
 TrainingState make_training_state(Model& model, const uint64_t seed) {
     TrainingState state;
     state.rng = Rng(seed ^ 0x5EED0F0DA7A5ULL);  // a different stream from the one that initialised the weights
-    for (const Parameter& p : model_parameters(model)) {
+    for (const Parameter& p : trained_parameters(model)) {
         state.exp_avg.emplace_back(p.tensor->numel(), 0.0f);
         state.exp_avg_sq.emplace_back(p.tensor->numel(), 0.0f);
     }
@@ -1931,29 +2241,38 @@ void adamw_update(const std::vector<Parameter>& params, TrainingState& state, co
 }
 
 struct StepResult {
-    float loss = 0.0f;
+    float loss = 0.0f;       // cross-entropy
+    float balance_loss = 0.0f;  // the MoE balancing loss added to it (softmax scoring), else 0
     float lr = 0.0f;
     double gradient_norm = 0.0;
 };
 
-// One optimizer step on a fresh batch. A loss that is not finite stops training before any weight changes.
+// One optimizer step on a fresh batch: the loss is the cross-entropy plus, for MoE layers with softmax scoring,
+// their balancing losses; after AdamW, sigmoid-scored MoE layers move their routing biases. A loss that is not
+// finite stops training before any weight changes.
 StepResult train_step(Model& model, TrainingState& state, Tape& tape, Batch& batch, const std::vector<int>& train_stream,
                       const TrainConfig& train) {
     const int B = train.batch, T = model.config.context;
-    const std::vector<Parameter> params = model_parameters(model);
+    const std::vector<Parameter> params = trained_parameters(model);
     for (const Parameter& p : params) std::fill(p.tensor->grad.begin(), p.tensor->grad.end(), 0.0f);
     sample_batch(batch, train_stream, B, T, state.rng);
     tape.clear();
-    Tensor& logits = model_forward(tape, model, batch.inputs, B, T);
-    Tensor& loss = cross_entropy(tape, logits, batch.targets);
+    BalanceLoss balance{train.aux_loss, {}};
+    Tensor& logits = model_forward(tape, model, batch.inputs, B, T, nullptr, &balance);
+    Tensor* loss = &cross_entropy(tape, logits, batch.targets);
     StepResult result;
-    result.loss = loss.data[0];
-    check(std::isfinite(result.loss), "the loss is " + std::to_string(result.loss) + " at step " + std::to_string(state.step + 1));
-    backward(tape, loss);
+    result.loss = loss->data[0];
+    for (Tensor* term : balance.terms) {
+        result.balance_loss += term->data[0];
+        loss = &add(tape, *loss, *term);
+    }
+    check(std::isfinite(loss->data[0]), "the loss is " + std::to_string(loss->data[0]) + " at step " + std::to_string(state.step + 1));
+    backward(tape, *loss);
     result.gradient_norm = clip_gradients(params);
     check(std::isfinite(result.gradient_norm), "the gradient norm is " + std::to_string(result.gradient_norm) + " at step " + std::to_string(state.step + 1));
     result.lr = learning_rate(state.step, train.steps, train.lr, train.warmup);
     adamw_update(params, state, result.lr);
+    update_routing_biases(model, train.bias_rate);
     ++state.step;
     return result;
 }
@@ -1968,10 +2287,47 @@ bool all_finite(Model& model) {
 // ---- Evaluation (DESIGN.md §1) ----
 // Windows start at 0, T, 2T, ...; window j predicts stream[jT+1 .. jT+T] from stream[jT .. jT+T-1] (the last
 // window may be shorter), positions restarting at 0. loss = mean over all targets of -log p(target).
+// For MoE models it also reports each MoE layer's load: the tokens routed to each expert over all windows.
 struct EvalResult {
     double loss = 0.0;
-    size_t tokens = 0;  // number of predicted targets
+    size_t tokens = 0;                                // number of predicted targets
+    std::vector<std::vector<double>> expert_counts;   // [MoE layer][expert]
 };
+
+void add_expert_counts(std::vector<std::vector<double>>& totals, const Model& model) {
+    if (totals.empty())
+        for (int l = 0; l < model.config.n_layers; ++l)
+            if (model.config.is_moe_layer(l)) totals.emplace_back(model.config.n_experts, 0.0);
+    size_t i = 0;
+    for (int l = 0; l < model.config.n_layers; ++l)
+        if (model.config.is_moe_layer(l)) {
+            for (int e = 0; e < model.config.n_experts; ++e) totals[i][e] += model.layers[l].moe.counts[e];
+            ++i;
+        }
+}
+
+// Imbalance of one layer's load: max_e c_e / mean_e c_e (1 = perfectly even, E = everything on one expert).
+double load_imbalance(const std::vector<double>& counts) {
+    const double mean = std::accumulate(counts.begin(), counts.end(), 0.0) / double(counts.size());
+    return mean > 0 ? *std::max_element(counts.begin(), counts.end()) / mean : 0.0;
+}
+
+// "layer 1: 12% 13% ... (max/mean 1.04)", one line per MoE layer: each expert's share of the routed tokens.
+std::string describe_expert_load(const Model& model, const std::vector<std::vector<double>>& counts) {
+    std::string text;
+    size_t i = 0;
+    for (int l = 0; l < model.config.n_layers; ++l) {
+        if (!model.config.is_moe_layer(l)) continue;
+        const double total = std::accumulate(counts[i].begin(), counts[i].end(), 0.0);
+        text += "  expert load, layer " + std::to_string(l) + ":";
+        for (const double c : counts[i]) text += " " + std::to_string(static_cast<int>(std::lround(100.0 * c / std::max(total, 1.0)))) + "%";
+        char imbalance[64];
+        std::snprintf(imbalance, sizeof imbalance, " (max/mean %.2f)\n", load_imbalance(counts[i]));
+        text += imbalance;
+        ++i;
+    }
+    return text;
+}
 
 EvalResult evaluate(Model& model, const std::vector<int>& stream, const int batch_windows) {
     const int T = model.config.context;
@@ -1989,12 +2345,14 @@ EvalResult evaluate(Model& model, const std::vector<int>& stream, const int batc
         const std::span<const int> next(stream.data() + window * T + 1, size_t(B) * T);
         tape.clear();
         total += double(cross_entropy(tape, model_forward(tape, model, inputs, B, T), next).data[0]) * B * T;
+        add_expert_counts(result.expert_counts, model);
     }
     if (const int rest = static_cast<int>(targets - full_windows * T); rest > 0) {
         const std::span<const int> inputs(stream.data() + full_windows * T, rest);
         const std::span<const int> next(stream.data() + full_windows * T + 1, rest);
         tape.clear();
         total += double(cross_entropy(tape, model_forward(tape, model, inputs, 1, rest), next).data[0]) * rest;
+        add_expert_counts(result.expert_counts, model);
     }
     result.tokens = targets;
     result.loss = total / double(targets);
@@ -2006,7 +2364,7 @@ EvalResult evaluate(Model& model, const std::vector<int>& stream, const int batc
 // the schedule and the window generator's state as JSON in the metadata entry "train_state".
 std::vector<NamedBuffer> training_tensors(Model& model, const TrainingState& state) {
     std::vector<NamedBuffer> tensors;
-    const std::vector<Parameter> params = model_parameters(model);
+    const std::vector<Parameter> params = trained_parameters(model);
     for (size_t i = 0; i < params.size(); ++i) {
         tensors.push_back({"optimizer.exp_avg." + params[i].name, params[i].tensor->shape, state.exp_avg[i]});
         tensors.push_back({"optimizer.exp_avg_sq." + params[i].name, params[i].tensor->shape, state.exp_avg_sq[i]});
@@ -2019,7 +2377,8 @@ std::string training_state_to_json(const TrainingState& state, const TrainConfig
     for (size_t i = 0; i < state.rng.state.size(); ++i) rng += (i ? ",\"" : "\"") + std::to_string(state.rng.state[i]) + "\"";
     return "{\"step\":" + std::to_string(state.step) + ",\"steps\":" + std::to_string(train.steps) + ",\"batch\":" +
            std::to_string(train.batch) + ",\"lr\":" + float_text(train.lr) + ",\"warmup\":" + std::to_string(train.warmup) +
-           ",\"eval_every\":" + std::to_string(train.eval_every) + ",\"seed\":\"" + std::to_string(train.seed) + "\",\"rng\":" + rng +
+           ",\"eval_every\":" + std::to_string(train.eval_every) + ",\"bias_rate\":" + float_text(train.bias_rate) + ",\"aux_loss\":" +
+           float_text(train.aux_loss) + ",\"seed\":\"" + std::to_string(train.seed) + "\",\"rng\":" + rng +
            "],\"rng_has_spare\":" + (state.rng.has_spare ? "true" : "false") + ",\"rng_spare\":" + float_text(state.rng.spare) + "}";
 }
 
@@ -2034,6 +2393,8 @@ TrainingState training_state_from_checkpoint(Checkpoint& checkpoint, TrainConfig
     train.lr = static_cast<float>(json_number(json.find("lr"), where + "train_state lr"));
     train.warmup = json_int(json.find("warmup"), where + "train_state warmup");
     train.eval_every = json_int(json.find("eval_every"), where + "train_state eval_every");
+    train.bias_rate = static_cast<float>(json_number(json.find("bias_rate"), where + "train_state bias_rate"));
+    train.aux_loss = static_cast<float>(json_number(json.find("aux_loss"), where + "train_state aux_loss"));
     train.seed = std::stoull(json_string(json.find("seed"), where + "train_state seed"));
     const Json* rng = json.find("rng");
     check(rng && std::holds_alternative<JsonArray>(rng->value) && std::get<JsonArray>(rng->value).size() == 4, where + "train_state rng is malformed");
@@ -2042,7 +2403,7 @@ TrainingState training_state_from_checkpoint(Checkpoint& checkpoint, TrainConfig
     check(has_spare && std::holds_alternative<bool>(has_spare->value), where + "train_state rng_has_spare is malformed");
     state.rng.has_spare = std::get<bool>(has_spare->value);
     state.rng.spare = static_cast<float>(json_number(json.find("rng_spare"), where + "train_state rng_spare"));
-    const std::vector<Parameter> params = model_parameters(checkpoint.model);
+    const std::vector<Parameter> params = trained_parameters(checkpoint.model);
     for (size_t i = 0; i < params.size(); ++i) {
         for (auto [prefix, moments] : {std::pair{"optimizer.exp_avg.", &state.exp_avg}, std::pair{"optimizer.exp_avg_sq.", &state.exp_avg_sq}}) {
             const auto found = checkpoint.training_tensors.find(prefix + params[i].name);
@@ -2130,6 +2491,94 @@ std::string loss_plot_svg(const std::vector<LogRow>& rows, const std::string& ti
            "<text x=\"" + std::to_string(int(width - 200)) + "\" y=\"60\" fill=\"#3182bd\">train loss (per step)</text>\n"
            "<text x=\"" + std::to_string(int(width - 200)) + "\" y=\"76\" fill=\"#d62728\">validation loss</text>\n</svg>\n";
     return svg;
+}
+
+// ---- Expert load log (MoE): CSV and an SVG plot ----
+// At each evaluation, each MoE layer's share of validation tokens per expert: rows "step,layer,expert,share".
+struct ExpertLoadRow {
+    int step = 0;
+    int layer = 0;
+    int expert = 0;
+    double share = 0.0;
+};
+
+void append_expert_load(std::vector<ExpertLoadRow>& rows, const int step, const Model& model, const std::vector<std::vector<double>>& counts) {
+    size_t i = 0;
+    for (int l = 0; l < model.config.n_layers; ++l) {
+        if (!model.config.is_moe_layer(l)) continue;
+        const double total = std::max(1.0, std::accumulate(counts[i].begin(), counts[i].end(), 0.0));
+        for (int e = 0; e < model.config.n_experts; ++e) rows.push_back({step, l, e, counts[i][e] / total});
+        ++i;
+    }
+}
+
+std::string expert_load_csv(const std::vector<ExpertLoadRow>& rows) {
+    std::string csv = "step,layer,expert,share\n";
+    for (const ExpertLoadRow& row : rows)
+        csv += std::to_string(row.step) + "," + std::to_string(row.layer) + "," + std::to_string(row.expert) + "," + float_text(float(row.share)) + "\n";
+    return csv;
+}
+
+std::vector<ExpertLoadRow> parse_expert_load_csv(const std::string& text) {
+    std::vector<ExpertLoadRow> rows;
+    std::istringstream lines(text);
+    std::string line;
+    std::getline(lines, line);  // header
+    while (std::getline(lines, line)) {
+        std::vector<std::string> fields;
+        std::istringstream cells(line);
+        for (std::string cell; std::getline(cells, cell, ',');) fields.push_back(cell);
+        if (fields.size() == 4) rows.push_back({std::stoi(fields[0]), std::stoi(fields[1]), std::stoi(fields[2]), std::stod(fields[3])});
+    }
+    return rows;
+}
+
+// One panel per MoE layer: each expert's share of the tokens against the step, and the even share 1/E dashed.
+std::string expert_load_svg(const std::vector<ExpertLoadRow>& rows, const ModelConfig& c, const std::string& title) {
+    constexpr double width = 720, panel = 200, left = 60, right = 20, top = 40, gap = 30;
+    static const char* colors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+    std::vector<int> layers;
+    for (int l = 0; l < c.n_layers; ++l)
+        if (c.is_moe_layer(l)) layers.push_back(l);
+    int last_step = 1;
+    double high = 1.0 / std::max(1, c.n_experts);
+    for (const ExpertLoadRow& row : rows) last_step = std::max(last_step, row.step), high = std::max(high, row.share);
+    high = std::min(1.0, high * 1.1);
+    const double height = top + layers.size() * (panel + gap) + 20;
+    char buffer[320];
+    std::snprintf(buffer, sizeof buffer,
+                  "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" font-size=\"12\">\n"
+                  "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
+                  width, height);
+    std::string svg = buffer;
+    svg += "<text x=\"360\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">" + title + "</text>\n";
+    for (size_t p = 0; p < layers.size(); ++p) {
+        const double y0 = top + p * (panel + gap);
+        const auto x_of = [&](double step) { return left + (width - left - right) * step / last_step; };
+        const auto y_of = [&](double share) { return y0 + panel * (1.0 - share / high); };
+        for (int i = 0; i <= 4; ++i) {
+            const double share = high * i / 4;
+            std::snprintf(buffer, sizeof buffer,
+                          "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%.0f%%</text>\n",
+                          left, y_of(share), width - right, y_of(share), left - 6, y_of(share) + 4, 100 * share);
+            svg += buffer;
+        }
+        std::snprintf(buffer, sizeof buffer,
+                      "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"black\" stroke-dasharray=\"4 4\"/>\n"
+                      "<text x=\"%.1f\" y=\"%.1f\">layer %d: share of tokens per expert (dashed: even, 1/%d); steps 0 .. %d</text>\n",
+                      left, y_of(1.0 / c.n_experts), width - right, y_of(1.0 / c.n_experts), left, y0 - 6, layers[p], c.n_experts, last_step);
+        svg += buffer;
+        for (int e = 0; e < c.n_experts; ++e) {
+            std::string points;
+            for (const ExpertLoadRow& row : rows)
+                if (row.layer == layers[p] && row.expert == e) {
+                    std::snprintf(buffer, sizeof buffer, "%.1f,%.1f ", x_of(row.step), y_of(row.share));
+                    points += buffer;
+                }
+            svg += "<polyline fill=\"none\" stroke=\"" + std::string(colors[e % 10]) + "\" stroke-width=\"1.5\" points=\"" + points + "\"/>\n";
+        }
+    }
+    return svg + "</svg>\n";
 }
 
 
@@ -2443,6 +2892,12 @@ const std::vector<FlagSpec> model_flags = {
     {"--heads", "4", "H, query heads (D / H must be even)"}, {"--kv-heads", "4", "G, key/value heads (must divide H)"},
     {"--ffn", "256", "F, MLP hidden size"},               {"--ctx", "32", "T, context length (training window)"},
     {"--tie", "", "tie the output layer to the embedding", true},
+    {"--experts", "0", "E, routed experts per MoE layer (0: dense MLP in every layer)"},
+    {"--top-k-experts", "2", "K, experts chosen per token (with --experts)"},
+    {"--shared-experts", "1", "S, the shared expert's hidden size is S * Fe (0: none; with --experts)"},
+    {"--expert-ffn", "64", "Fe, hidden size of each expert (with --experts)"},
+    {"--scoring", "sigmoid", "router scores: sigmoid (balanced by a bias) or softmax (balanced by an auxiliary loss)"},
+    {"--dense-layers", "0", "the first k layers keep the dense MLP (with --experts)"},
 };
 
 std::vector<Command> commands() {
@@ -2459,6 +2914,8 @@ std::vector<Command> commands() {
         {"--seed", "1337", "seed for the weights and the training windows"},
         {"--threads", default_threads, "worker threads (results do not depend on it)"},
         {"--eval-every", "250", "steps between validation evaluations and checkpoints"},
+        {"--bias-rate", "0.001", "gamma, MoE sigmoid scoring: routing-bias step per optimizer step (0: no balancing)"},
+        {"--aux-loss", "0.01", "alpha, MoE softmax scoring: weight of the balancing loss (0: no balancing)"},
         {"--resume", "", "continue training from this checkpoint (model shape and schedule come from it)"},
         {"--stop-after", "0", "stop after this many steps of this run, keeping a resumable checkpoint (0: run to the end)"},
         {"--tokenizer", "auto", "char, bpe, or auto: byte-level BPE when documents average over 64 bytes (prose), char otherwise"},
@@ -2632,6 +3089,7 @@ std::string cmd_train(const Flags& flags) {
     Tokenizer tokenizer;
     TrainingState state;
     std::vector<LogRow> log;
+    std::vector<ExpertLoadRow> load_log;
     if (flags.has("--resume")) {
         train.resume_path = flags.text("--resume");
         for (const FlagSpec& spec : model_flags)
@@ -2646,6 +3104,9 @@ std::string cmd_train(const Flags& flags) {
         if (const std::string csv = loss_log_path(train.resume_path, ".loss.csv"); std::filesystem::exists(csv))
             for (const LogRow& row : parse_loss_log_csv(read_file(csv)))
                 if (row.step <= state.step) log.push_back(row);
+        if (const std::string csv = loss_log_path(train.resume_path, ".experts.csv"); std::filesystem::exists(csv))
+            for (const ExpertLoadRow& row : parse_expert_load_csv(read_file(csv)))
+                if (row.step <= state.step) load_log.push_back(row);
     }
     // Flags given explicitly override the schedule stored in a checkpoint.
     if (!flags.has("--resume") || flags.has("--steps")) train.steps = flags.positive("--steps");
@@ -2654,6 +3115,10 @@ std::string cmd_train(const Flags& flags) {
     if (!flags.has("--resume") || flags.has("--warmup")) train.warmup = flags.integer("--warmup");
     if (!flags.has("--resume") || flags.has("--eval-every")) train.eval_every = flags.positive("--eval-every");
     if (!flags.has("--resume") || flags.has("--seed")) train.seed = flags.seed("--seed");
+    if (!flags.has("--resume") || flags.has("--bias-rate")) train.bias_rate = static_cast<float>(flags.real("--bias-rate"));
+    if (!flags.has("--resume") || flags.has("--aux-loss")) train.aux_loss = static_cast<float>(flags.real("--aux-loss"));
+    check(train.bias_rate >= 0, "--bias-rate must not be negative, got " + flags.text("--bias-rate"));
+    check(train.aux_loss >= 0, "--aux-loss must not be negative, got " + flags.text("--aux-loss"));
     train.stop_after = flags.integer("--stop-after");
     check(train.lr > 0, "--lr must be positive, got " + flags.text("--lr"));
     check(train.warmup >= 0, "--warmup must not be negative, got " + flags.text("--warmup"));
@@ -2676,6 +3141,14 @@ std::string cmd_train(const Flags& flags) {
         config.ffn_dim = flags.positive("--ffn");
         config.context = flags.positive("--ctx");
         config.tie_embeddings = flags.has("--tie");
+        // The MoE flags count only with --experts; given without it they reach validation, which says so.
+        config.n_experts = flags.integer("--experts");
+        const auto moe_flag = [&](const std::string& name) { return config.n_experts != 0 || flags.has(name) ? flags.integer(name) : 0; };
+        config.top_k_experts = moe_flag("--top-k-experts");
+        config.n_shared_experts = moe_flag("--shared-experts");
+        config.expert_ffn_dim = moe_flag("--expert-ffn");
+        config.dense_layers = moe_flag("--dense-layers");
+        config.scoring = flags.text("--scoring");
         model = make_model(config);
         init_model(model, train.seed);
         state = make_training_state(model, train.seed);
@@ -2690,8 +3163,8 @@ std::string cmd_train(const Flags& flags) {
 
     std::printf("data: %s, %zu documents (%zu train, %zu validation), %zu + %zu tokens\n", train.data_path.c_str(), documents.size(),
                 split.train.size(), split.validation.size(), train_stream.size(), val_stream.size());
-    std::printf("model: %s, %zu parameters; batch %d, lr %s, warmup %d, %d steps, %d threads%s\n", describe_model(model.config).c_str(),
-                count_parameters(model), train.batch, float_text(train.lr).c_str(), train.warmup, train.steps, thread_count,
+    std::printf("model: %s, %zu parameters (%zu active per token); batch %d, lr %s, warmup %d, %d steps, %d threads%s\n",
+                describe_model(model.config).c_str(), count_parameters(model), count_active_parameters(model), train.batch, float_text(train.lr).c_str(), train.warmup, train.steps, thread_count,
                 flags.has("--resume") ? (", resuming at step " + std::to_string(state.step)).c_str() : "");
 
     const int first_step = state.step;
@@ -2728,9 +3201,17 @@ std::string cmd_train(const Flags& flags) {
             saved_step = state.step;
             write_file_atomically(loss_log_path(train.out_path, ".loss.csv"), loss_log_csv(log));
             write_file_atomically(loss_log_path(train.out_path, ".loss.svg"), loss_plot_svg(log, "gpt.cpp: " + train.data_path));
+            if (!val.expert_counts.empty()) {
+                append_expert_load(load_log, state.step, model, val.expert_counts);
+                write_file_atomically(loss_log_path(train.out_path, ".experts.csv"), expert_load_csv(load_log));
+                write_file_atomically(loss_log_path(train.out_path, ".experts.svg"),
+                                      expert_load_svg(load_log, model.config, "gpt.cpp expert load on the validation split: " + train.data_path));
+            }
             progress.end_line();
             std::printf("step %d: train loss %.4f (mean of the last %d steps), val loss %s, saved %s\n", state.step, loss_sum / loss_count,
                         loss_count, val.tokens > 0 ? float_text(float(val.loss)).c_str() : "n/a (no validation documents)", train.out_path.c_str());
+            if (!val.expert_counts.empty()) std::printf("%s", describe_expert_load(model, val.expert_counts).c_str());
+            if (result.balance_loss > 0) std::printf("  balancing loss %.5f (last step, added to the train loss it is trained on)\n", result.balance_loss);
             loss_sum = 0.0;
             loss_count = 0;
         }
@@ -2759,11 +3240,26 @@ void cmd_eval(const Flags& flags) {
     }
     check(stream.size() >= 2, "no tokens to evaluate in this split of '" + flags.text("--data") + "'");
     const EvalResult result = evaluate(checkpoint.model, stream, 32);
-    if (flags.has("--json"))
-        std::printf("{\"loss\": %.9g, \"perplexity\": %.9g, \"tokens\": %zu}\n", result.loss, std::exp(result.loss), result.tokens);
-    else
+    if (flags.has("--json")) {
+        // MoE models add "expert_load": per MoE layer, each expert's share of the routed tokens, and "imbalance": max/mean.
+        std::string moe;
+        if (!result.expert_counts.empty()) {
+            std::string shares, imbalance;
+            for (const std::vector<double>& counts : result.expert_counts) {
+                const double total = std::max(1.0, std::accumulate(counts.begin(), counts.end(), 0.0));
+                std::string row;
+                for (const double c : counts) row += (row.empty() ? "" : ", ") + float_text(float(c / total));
+                shares += (shares.empty() ? "[" : ", [") + row + "]";
+                imbalance += (imbalance.empty() ? "" : ", ") + float_text(float(load_imbalance(counts)));
+            }
+            moe = ", \"expert_load\": [" + shares + "], \"imbalance\": [" + imbalance + "]";
+        }
+        std::printf("{\"loss\": %.9g, \"perplexity\": %.9g, \"tokens\": %zu%s}\n", result.loss, std::exp(result.loss), result.tokens, moe.c_str());
+    } else {
         std::printf("loss %.6f | perplexity %.4f | %zu predicted tokens (%s split of %s)\n", result.loss, std::exp(result.loss), result.tokens,
                     flags.text("--split").c_str(), flags.text("--data").c_str());
+        if (!result.expert_counts.empty()) std::printf("%s", describe_expert_load(checkpoint.model, result.expert_counts).c_str());
+    }
 }
 
 void cmd_sample(const Flags& flags) {
