@@ -2726,6 +2726,16 @@ struct BenchModel {
     int batch;
 };
 
+// The medium model with its MLPs replaced by E experts of Fe = 128, K = 2 of them per token plus one shared
+// expert (sigmoid scoring): (K + S) Fe = 384 active hidden units per token against the dense 512.
+ModelConfig medium_moe_config(const int experts) {
+    ModelConfig c;
+    c.vocab_size = 32;
+    c.n_layers = 6, c.dim = 192, c.n_heads = 6, c.n_kv_heads = 2, c.ffn_dim = 512, c.context = 128;
+    c.n_experts = experts, c.top_k_experts = 2, c.n_shared_experts = 1, c.expert_ffn_dim = 128;
+    return c;
+}
+
 std::vector<BenchModel> bench_models() {
     const auto config = [](int layers, int dim, int heads, int kv_heads, int ffn, int context) {
         ModelConfig c;
@@ -2733,7 +2743,8 @@ std::vector<BenchModel> bench_models() {
         c.n_layers = layers, c.dim = dim, c.n_heads = heads, c.n_kv_heads = kv_heads, c.ffn_dim = ffn, c.context = context;
         return c;
     };
-    return {{"tiny", config(1, 16, 4, 4, 64, 16), 1}, {"small", config(4, 64, 4, 4, 256, 32), 32}, {"medium", config(6, 192, 6, 2, 512, 128), 16}};
+    return {{"tiny", config(1, 16, 4, 4, 64, 16), 1}, {"small", config(4, 64, 4, 4, 256, 32), 32}, {"medium", config(6, 192, 6, 2, 512, 128), 16},
+            {"medium-moe", medium_moe_config(8), 16}};
 }
 
 struct BenchRow {
@@ -2758,7 +2769,10 @@ std::vector<BenchRow> run_benchmarks(const int max_threads) {
         }
     }
     set_thread_count(max_threads);
-    for (const BenchModel& bench : bench_models()) {
+    std::vector<BenchModel> training_benches = bench_models();
+    for (const int experts : {4, 16, 32})  // with 8 above: the step time should stay about flat in E at fixed K
+        training_benches.push_back({"medium-moe E" + std::to_string(experts), medium_moe_config(experts), 16});
+    for (const BenchModel& bench : training_benches) {
         Model model = make_model(bench.config);
         init_model(model, 1);
         TrainingState state = make_training_state(model, 1);
@@ -2953,15 +2967,18 @@ std::vector<Command> commands() {
     };
 }
 
+// "  --steps X           optimizer steps (...) (default 3000)": one line of --help.
+std::string flag_help_line(const FlagSpec& flag) {
+    std::string left = "  " + flag.name + (flag.is_switch ? "" : " X");
+    left.resize(std::max<size_t>(left.size() + 1, 21), ' ');
+    return left + flag.help + (flag.default_value.empty() ? "" : " (default " + flag.default_value + ")") + "\n";
+}
+
 std::string usage() {
     std::string text = "usage: ./gpt [command] [flags]     (no command: train with the defaults, then sample 20 names)\n";
     for (const Command& command : commands()) {
         text += "\n./gpt " + command.name + ": " + command.summary + "\n";
-        for (const FlagSpec& flag : command.flags) {
-            std::string left = "  " + flag.name + (flag.is_switch ? "" : " X");
-            left.resize(std::max<size_t>(left.size() + 1, 18), ' ');
-            text += left + flag.help + (flag.default_value.empty() ? "" : " (default " + flag.default_value + ")") + "\n";
-        }
+        for (const FlagSpec& flag : command.flags) text += flag_help_line(flag);
     }
     return text;
 }
@@ -3375,9 +3392,7 @@ int run_command_line(const std::vector<std::string>& args) {
     const std::vector<std::string> rest(args.begin() + (default_run ? 0 : two_words ? 2 : 1), args.end());
     if (std::find(rest.begin(), rest.end(), "--help") != rest.end()) {
         std::printf("./gpt %s: %s\n", command->name.c_str(), command->summary.c_str());
-        for (const FlagSpec& flag : command->flags)
-            std::printf("  %-16s %s%s\n", (flag.name + (flag.is_switch ? "" : " X")).c_str(), flag.help.c_str(),
-                        flag.default_value.empty() ? "" : (" (default " + flag.default_value + ")").c_str());
+        for (const FlagSpec& flag : command->flags) std::printf("%s", flag_help_line(flag).c_str());
         return 0;
     }
     const Flags flags = parse_flags(*command, rest);
