@@ -2544,7 +2544,7 @@ std::string expert_load_svg(const std::vector<ExpertLoadRow>& rows, const ModelC
     double high = 1.0 / std::max(1, c.n_experts);
     for (const ExpertLoadRow& row : rows) last_step = std::max(last_step, row.step), high = std::max(high, row.share);
     high = std::min(1.0, high * 1.1);
-    const double height = top + layers.size() * (panel + gap) + 20;
+    const double height = top + layers.size() * (panel + gap) + 20 + 14 * ((c.n_experts + 9) / 10);
     char buffer[320];
     std::snprintf(buffer, sizeof buffer,
                   "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" font-size=\"12\">\n"
@@ -2552,11 +2552,19 @@ std::string expert_load_svg(const std::vector<ExpertLoadRow>& rows, const ModelC
                   width, height);
     std::string svg = buffer;
     svg += "<text x=\"360\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">" + title + "</text>\n";
+    for (int e = 0; e < c.n_experts; ++e) {  // legend: one colour per expert
+        std::snprintf(buffer, sizeof buffer, "<text x=\"%d\" y=\"%.0f\" fill=\"%s\">expert %d</text>\n", 60 + 64 * (e % 10),
+                      height - 8 - 14 * (e / 10), colors[e % 10], e);
+        svg += buffer;
+    }
     for (size_t p = 0; p < layers.size(); ++p) {
         const double y0 = top + p * (panel + gap);
         const auto x_of = [&](double step) { return left + (width - left - right) * step / last_step; };
         const auto y_of = [&](double share) { return y0 + panel * (1.0 - share / high); };
         for (int i = 0; i <= 4; ++i) {
+            std::snprintf(buffer, sizeof buffer, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%d</text>\n", x_of(last_step * i / 4.0),
+                          y0 + panel + 14, last_step * i / 4);
+            svg += buffer;
             const double share = high * i / 4;
             std::snprintf(buffer, sizeof buffer,
                           "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%.0f%%</text>\n",
@@ -2565,8 +2573,8 @@ std::string expert_load_svg(const std::vector<ExpertLoadRow>& rows, const ModelC
         }
         std::snprintf(buffer, sizeof buffer,
                       "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"black\" stroke-dasharray=\"4 4\"/>\n"
-                      "<text x=\"%.1f\" y=\"%.1f\">layer %d: share of tokens per expert (dashed: even, 1/%d); steps 0 .. %d</text>\n",
-                      left, y_of(1.0 / c.n_experts), width - right, y_of(1.0 / c.n_experts), left, y0 - 6, layers[p], c.n_experts, last_step);
+                      "<text x=\"%.1f\" y=\"%.1f\">layer %d: each expert's share of the tokens against the step (dashed: even, 1/%d)</text>\n",
+                      left, y_of(1.0 / c.n_experts), width - right, y_of(1.0 / c.n_experts), left, y0 - 6, layers[p], c.n_experts);
         svg += buffer;
         for (int e = 0; e < c.n_experts; ++e) {
             std::string points;
