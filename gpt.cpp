@@ -2192,8 +2192,10 @@ struct Sample {
     bool reached_context = false;  // stopped because the model's context was full
 };
 
-// The state after [EOT] + prompt, from which every document of a run starts.
-InferenceState prefill_prompt(Model& model, const Tokenizer& tokenizer, const std::vector<int>& prompt) {
+// The state after [EOT] + prompt, from which every document of a run starts. Engine is Model here, and
+// the GPU copy of a model in gpt_cuda.cu, which brings its own prefill and decode_step.
+template <typename Engine>
+auto prefill_prompt(Engine& model, const Tokenizer& tokenizer, const std::vector<int>& prompt) {
     check(int(prompt.size()) + 1 <= model.config.context, "the prompt has " + std::to_string(prompt.size()) +
                                                               " tokens; with EOT it does not fit the context of " + std::to_string(model.config.context));
     std::vector<int> tokens{tokenizer.eot()};
@@ -2204,7 +2206,8 @@ InferenceState prefill_prompt(Model& model, const Tokenizer& tokenizer, const st
 // Generates one document from a prefilled prompt. The state is taken by value: one prefill serves every
 // document of a run (prefix sharing), each starting from its own copy of the prompt's cache. on_token is
 // called with each new token as it is produced (streaming).
-Sample generate(Model& model, const Tokenizer& tokenizer, const std::vector<int>& prompt, InferenceState state, const SampleConfig& config,
+template <typename Engine, typename State>
+Sample generate(Engine& model, const Tokenizer& tokenizer, const std::vector<int>& prompt, State state, const SampleConfig& config,
                 Rng& rng, const std::function<void(int)>& on_token = {}) {
     Sample sample{prompt, false};
     for (int generated = 0; config.max_tokens == 0 || generated < config.max_tokens; ++generated) {
@@ -2747,18 +2750,20 @@ std::vector<std::string> select_split(const std::vector<std::string>& documents,
     return split == "train" ? parts.train : parts.validation;
 }
 
-void cmd_eval(const Flags& flags) {
-    set_thread_count(flags.positive("--threads"));
-    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+// The token stream that eval scores: the --split documents of --data, encoded with the checkpoint's tokenizer.
+std::vector<int> eval_stream(const Flags& flags, const Tokenizer& tokenizer) {
     const std::vector<std::string> documents = select_split(read_documents(flags.text("--data")), flags.text("--split"));
     std::vector<int> stream;
     try {
-        stream = make_stream(checkpoint.tokenizer, documents);
+        stream = make_stream(tokenizer, documents);
     } catch (const Error& e) {
         throw Error("the checkpoint's tokenizer cannot encode '" + flags.text("--data") + "': " + e.what());
     }
     check(stream.size() >= 2, "no tokens to evaluate in this split of '" + flags.text("--data") + "'");
-    const EvalResult result = evaluate(checkpoint.model, stream, 32);
+    return stream;
+}
+
+void print_eval_result(const Flags& flags, const EvalResult& result) {
     if (flags.has("--json"))
         std::printf("{\"loss\": %.9g, \"perplexity\": %.9g, \"tokens\": %zu}\n", result.loss, std::exp(result.loss), result.tokens);
     else
@@ -2766,8 +2771,13 @@ void cmd_eval(const Flags& flags) {
                     flags.text("--split").c_str(), flags.text("--data").c_str());
 }
 
-void cmd_sample(const Flags& flags) {
+void cmd_eval(const Flags& flags) {
     set_thread_count(flags.positive("--threads"));
+    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+    print_eval_result(flags, evaluate(checkpoint.model, eval_stream(flags, checkpoint.tokenizer), 32));
+}
+
+SampleConfig sample_config_from_flags(const Flags& flags) {
     SampleConfig config;
     config.count = flags.integer("--n");
     config.prompt = flags.text("--prompt");
@@ -2777,23 +2787,29 @@ void cmd_sample(const Flags& flags) {
     config.seed = flags.seed("--seed");
     config.max_tokens = flags.integer("--max-tokens");
     validate_sample_config(config);
-    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+    return config;
+}
+
+// Prints config.count documents, one per line, streaming each token as it is drawn. Engine is Model here, and the GPU
+// copy of a model in gpt_cuda.cu.
+template <typename Engine>
+void print_samples(Engine& model, const Tokenizer& tokenizer, const SampleConfig& config) {
     std::vector<int> prompt;
     try {
-        prompt = encode(checkpoint.tokenizer, config.prompt);
+        prompt = encode(tokenizer, config.prompt);
     } catch (const Error& e) {
         throw Error(std::string("--prompt: ") + e.what());
     }
     // Prefix sharing: the prompt is prefilled once; every document starts from a copy of that state.
     Timer timer;
-    const InferenceState prompt_state = prefill_prompt(checkpoint.model, checkpoint.tokenizer, prompt);
+    const auto prompt_state = prefill_prompt(model, tokenizer, prompt);
     int reached_context = 0;
     size_t generated = 0;
     for (int i = 0; i < config.count; ++i) {
         Rng rng(config.seed + uint64_t(i));
         std::printf("%s", config.prompt.c_str());
-        const Sample sample = generate(checkpoint.model, checkpoint.tokenizer, prompt, prompt_state, config, rng, [&](const int token) {
-            const std::string piece = decode(checkpoint.tokenizer, std::span<const int>(&token, 1));  // streaming
+        const Sample sample = generate(model, tokenizer, prompt, prompt_state, config, rng, [&](const int token) {
+            const std::string piece = decode(tokenizer, std::span<const int>(&token, 1));  // streaming
             std::fwrite(piece.data(), 1, piece.size(), stdout);
             std::fflush(stdout);
         });
@@ -2804,9 +2820,16 @@ void cmd_sample(const Flags& flags) {
     }
     if (reached_context > 0)
         std::fprintf(stderr, "note: %d of %d documents stopped at the model's context of %d tokens, before EOT\n", reached_context,
-                     config.count, checkpoint.model.config.context);
+                     config.count, model.config.context);
     std::fprintf(stderr, "%zu tokens in %.2f s (%.0f tokens/s); KV cache %zu bytes per token\n", generated, timer.seconds(),
-                 generated / std::max(timer.seconds(), 1e-9), kv_cache_bytes_per_token(checkpoint.model.config));
+                 generated / std::max(timer.seconds(), 1e-9), kv_cache_bytes_per_token(model.config));
+}
+
+void cmd_sample(const Flags& flags) {
+    set_thread_count(flags.positive("--threads"));
+    const SampleConfig config = sample_config_from_flags(flags);
+    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+    print_samples(checkpoint.model, checkpoint.tokenizer, config);
 }
 
 void cmd_tokenizer(const std::string& name, const Flags& flags) {
