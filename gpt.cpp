@@ -2291,19 +2291,20 @@ bool all_finite(Model& model) {
 struct EvalResult {
     double loss = 0.0;
     size_t tokens = 0;                                // number of predicted targets
-    std::vector<std::vector<double>> expert_counts;   // [MoE layer][expert]
+    std::vector<int> moe_layers;                      // the indices of the MoE layers
+    std::vector<std::vector<double>> expert_counts;   // [MoE layer][expert], tokens routed to each expert
 };
 
-void add_expert_counts(std::vector<std::vector<double>>& totals, const Model& model) {
-    if (totals.empty())
+// Adds the expert loads of the model's last forward pass to the result's totals.
+void add_expert_counts(EvalResult& result, const Model& model) {
+    if (result.moe_layers.empty())
         for (int l = 0; l < model.config.n_layers; ++l)
-            if (model.config.is_moe_layer(l)) totals.emplace_back(model.config.n_experts, 0.0);
-    size_t i = 0;
-    for (int l = 0; l < model.config.n_layers; ++l)
-        if (model.config.is_moe_layer(l)) {
-            for (int e = 0; e < model.config.n_experts; ++e) totals[i][e] += model.layers[l].moe.counts[e];
-            ++i;
-        }
+            if (model.config.is_moe_layer(l)) {
+                result.moe_layers.push_back(l);
+                result.expert_counts.emplace_back(model.config.n_experts, 0.0);
+            }
+    for (size_t i = 0; i < result.moe_layers.size(); ++i)
+        for (int e = 0; e < model.config.n_experts; ++e) result.expert_counts[i][e] += model.layers[result.moe_layers[i]].moe.counts[e];
 }
 
 // Imbalance of one layer's load: max_e c_e / mean_e c_e (1 = perfectly even, E = everything on one expert).
@@ -2313,18 +2314,16 @@ double load_imbalance(const std::vector<double>& counts) {
 }
 
 // "layer 1: 12% 13% ... (max/mean 1.04)", one line per MoE layer: each expert's share of the routed tokens.
-std::string describe_expert_load(const Model& model, const std::vector<std::vector<double>>& counts) {
+std::string describe_expert_load(const EvalResult& result) {
     std::string text;
-    size_t i = 0;
-    for (int l = 0; l < model.config.n_layers; ++l) {
-        if (!model.config.is_moe_layer(l)) continue;
-        const double total = std::accumulate(counts[i].begin(), counts[i].end(), 0.0);
-        text += "  expert load, layer " + std::to_string(l) + ":";
-        for (const double c : counts[i]) text += " " + std::to_string(static_cast<int>(std::lround(100.0 * c / std::max(total, 1.0)))) + "%";
+    for (size_t i = 0; i < result.moe_layers.size(); ++i) {
+        const std::vector<double>& counts = result.expert_counts[i];
+        const double total = std::accumulate(counts.begin(), counts.end(), 0.0);
+        text += "  expert load, layer " + std::to_string(result.moe_layers[i]) + ":";
+        for (const double c : counts) text += " " + std::to_string(static_cast<int>(std::lround(100.0 * c / std::max(total, 1.0)))) + "%";
         char imbalance[64];
-        std::snprintf(imbalance, sizeof imbalance, " (max/mean %.2f)\n", load_imbalance(counts[i]));
+        std::snprintf(imbalance, sizeof imbalance, " (max/mean %.2f)\n", load_imbalance(counts));
         text += imbalance;
-        ++i;
     }
     return text;
 }
@@ -2345,14 +2344,14 @@ EvalResult evaluate(Model& model, const std::vector<int>& stream, const int batc
         const std::span<const int> next(stream.data() + window * T + 1, size_t(B) * T);
         tape.clear();
         total += double(cross_entropy(tape, model_forward(tape, model, inputs, B, T), next).data[0]) * B * T;
-        add_expert_counts(result.expert_counts, model);
+        add_expert_counts(result, model);
     }
     if (const int rest = static_cast<int>(targets - full_windows * T); rest > 0) {
         const std::span<const int> inputs(stream.data() + full_windows * T, rest);
         const std::span<const int> next(stream.data() + full_windows * T + 1, rest);
         tape.clear();
         total += double(cross_entropy(tape, model_forward(tape, model, inputs, 1, rest), next).data[0]) * rest;
-        add_expert_counts(result.expert_counts, model);
+        add_expert_counts(result, model);
     }
     result.tokens = targets;
     result.loss = total / double(targets);
@@ -2502,13 +2501,11 @@ struct ExpertLoadRow {
     double share = 0.0;
 };
 
-void append_expert_load(std::vector<ExpertLoadRow>& rows, const int step, const Model& model, const std::vector<std::vector<double>>& counts) {
-    size_t i = 0;
-    for (int l = 0; l < model.config.n_layers; ++l) {
-        if (!model.config.is_moe_layer(l)) continue;
-        const double total = std::max(1.0, std::accumulate(counts[i].begin(), counts[i].end(), 0.0));
-        for (int e = 0; e < model.config.n_experts; ++e) rows.push_back({step, l, e, counts[i][e] / total});
-        ++i;
+void append_expert_load(std::vector<ExpertLoadRow>& rows, const int step, const EvalResult& result) {
+    for (size_t i = 0; i < result.moe_layers.size(); ++i) {
+        const std::vector<double>& counts = result.expert_counts[i];
+        const double total = std::max(1.0, std::accumulate(counts.begin(), counts.end(), 0.0));
+        for (size_t e = 0; e < counts.size(); ++e) rows.push_back({step, result.moe_layers[i], static_cast<int>(e), counts[e] / total});
     }
 }
 
@@ -2649,8 +2646,10 @@ struct Sample {
     bool reached_context = false;  // stopped because the model's context was full
 };
 
-// The state after [EOT] + prompt, from which every document of a run starts.
-InferenceState prefill_prompt(Model& model, const Tokenizer& tokenizer, const std::vector<int>& prompt) {
+// The state after [EOT] + prompt, from which every document of a run starts. Engine is Model here, and
+// the GPU copy of a model in gpt_cuda.cu, which brings its own prefill and decode_step.
+template <typename Engine>
+auto prefill_prompt(Engine& model, const Tokenizer& tokenizer, const std::vector<int>& prompt) {
     check(int(prompt.size()) + 1 <= model.config.context, "the prompt has " + std::to_string(prompt.size()) +
                                                               " tokens; with EOT it does not fit the context of " + std::to_string(model.config.context));
     std::vector<int> tokens{tokenizer.eot()};
@@ -2661,7 +2660,8 @@ InferenceState prefill_prompt(Model& model, const Tokenizer& tokenizer, const st
 // Generates one document from a prefilled prompt. The state is taken by value: one prefill serves every
 // document of a run (prefix sharing), each starting from its own copy of the prompt's cache. on_token is
 // called with each new token as it is produced (streaming).
-Sample generate(Model& model, const Tokenizer& tokenizer, const std::vector<int>& prompt, InferenceState state, const SampleConfig& config,
+template <typename Engine, typename State>
+Sample generate(Engine& model, const Tokenizer& tokenizer, const std::vector<int>& prompt, State state, const SampleConfig& config,
                 Rng& rng, const std::function<void(int)>& on_token = {}) {
     Sample sample{prompt, false};
     for (int generated = 0; config.max_tokens == 0 || generated < config.max_tokens; ++generated) {
@@ -3227,7 +3227,7 @@ std::string cmd_train(const Flags& flags) {
             write_file_atomically(loss_log_path(train.out_path, ".loss.csv"), loss_log_csv(log));
             write_file_atomically(loss_log_path(train.out_path, ".loss.svg"), loss_plot_svg(log, "gpt.cpp: " + train.data_path));
             if (!val.expert_counts.empty()) {
-                append_expert_load(load_log, state.step, model, val.expert_counts);
+                append_expert_load(load_log, state.step, val);
                 write_file_atomically(loss_log_path(train.out_path, ".experts.csv"), expert_load_csv(load_log));
                 write_file_atomically(loss_log_path(train.out_path, ".experts.svg"),
                                       expert_load_svg(load_log, model.config, "gpt.cpp expert load on the validation split: " + train.data_path));
@@ -3235,7 +3235,7 @@ std::string cmd_train(const Flags& flags) {
             progress.end_line();
             std::printf("step %d: train loss %.4f (mean of the last %d steps), val loss %s, saved %s\n", state.step, loss_sum / loss_count,
                         loss_count, val.tokens > 0 ? float_text(float(val.loss)).c_str() : "n/a (no validation documents)", train.out_path.c_str());
-            if (!val.expert_counts.empty()) std::printf("%s", describe_expert_load(model, val.expert_counts).c_str());
+            std::printf("%s", describe_expert_load(val).c_str());
             if (result.balance_loss > 0) std::printf("  balancing loss %.5f (last step, added to the train loss it is trained on)\n", result.balance_loss);
             loss_sum = 0.0;
             loss_count = 0;
@@ -3253,18 +3253,20 @@ std::vector<std::string> select_split(const std::vector<std::string>& documents,
     return split == "train" ? parts.train : parts.validation;
 }
 
-void cmd_eval(const Flags& flags) {
-    set_thread_count(flags.positive("--threads"));
-    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+// The token stream that eval scores: the --split documents of --data, encoded with the checkpoint's tokenizer.
+std::vector<int> eval_stream(const Flags& flags, const Tokenizer& tokenizer) {
     const std::vector<std::string> documents = select_split(read_documents(flags.text("--data")), flags.text("--split"));
     std::vector<int> stream;
     try {
-        stream = make_stream(checkpoint.tokenizer, documents);
+        stream = make_stream(tokenizer, documents);
     } catch (const Error& e) {
         throw Error("the checkpoint's tokenizer cannot encode '" + flags.text("--data") + "': " + e.what());
     }
     check(stream.size() >= 2, "no tokens to evaluate in this split of '" + flags.text("--data") + "'");
-    const EvalResult result = evaluate(checkpoint.model, stream, 32);
+    return stream;
+}
+
+void print_eval_result(const Flags& flags, const EvalResult& result) {
     if (flags.has("--json")) {
         // MoE models add "expert_load": per MoE layer, each expert's share of the routed tokens, and "imbalance": max/mean.
         std::string moe;
@@ -3283,12 +3285,17 @@ void cmd_eval(const Flags& flags) {
     } else {
         std::printf("loss %.6f | perplexity %.4f | %zu predicted tokens (%s split of %s)\n", result.loss, std::exp(result.loss), result.tokens,
                     flags.text("--split").c_str(), flags.text("--data").c_str());
-        if (!result.expert_counts.empty()) std::printf("%s", describe_expert_load(checkpoint.model, result.expert_counts).c_str());
+        std::printf("%s", describe_expert_load(result).c_str());
     }
 }
 
-void cmd_sample(const Flags& flags) {
+void cmd_eval(const Flags& flags) {
     set_thread_count(flags.positive("--threads"));
+    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+    print_eval_result(flags, evaluate(checkpoint.model, eval_stream(flags, checkpoint.tokenizer), 32));
+}
+
+SampleConfig sample_config_from_flags(const Flags& flags) {
     SampleConfig config;
     config.count = flags.integer("--n");
     config.prompt = flags.text("--prompt");
@@ -3298,23 +3305,29 @@ void cmd_sample(const Flags& flags) {
     config.seed = flags.seed("--seed");
     config.max_tokens = flags.integer("--max-tokens");
     validate_sample_config(config);
-    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+    return config;
+}
+
+// Prints config.count documents, one per line, streaming each token as it is drawn. Engine is Model here, and the GPU
+// copy of a model in gpt_cuda.cu.
+template <typename Engine>
+void print_samples(Engine& model, const Tokenizer& tokenizer, const SampleConfig& config) {
     std::vector<int> prompt;
     try {
-        prompt = encode(checkpoint.tokenizer, config.prompt);
+        prompt = encode(tokenizer, config.prompt);
     } catch (const Error& e) {
         throw Error(std::string("--prompt: ") + e.what());
     }
     // Prefix sharing: the prompt is prefilled once; every document starts from a copy of that state.
     Timer timer;
-    const InferenceState prompt_state = prefill_prompt(checkpoint.model, checkpoint.tokenizer, prompt);
+    const auto prompt_state = prefill_prompt(model, tokenizer, prompt);
     int reached_context = 0;
     size_t generated = 0;
     for (int i = 0; i < config.count; ++i) {
         Rng rng(config.seed + uint64_t(i));
         std::printf("%s", config.prompt.c_str());
-        const Sample sample = generate(checkpoint.model, checkpoint.tokenizer, prompt, prompt_state, config, rng, [&](const int token) {
-            const std::string piece = decode(checkpoint.tokenizer, std::span<const int>(&token, 1));  // streaming
+        const Sample sample = generate(model, tokenizer, prompt, prompt_state, config, rng, [&](const int token) {
+            const std::string piece = decode(tokenizer, std::span<const int>(&token, 1));  // streaming
             std::fwrite(piece.data(), 1, piece.size(), stdout);
             std::fflush(stdout);
         });
@@ -3325,9 +3338,16 @@ void cmd_sample(const Flags& flags) {
     }
     if (reached_context > 0)
         std::fprintf(stderr, "note: %d of %d documents stopped at the model's context of %d tokens, before EOT\n", reached_context,
-                     config.count, checkpoint.model.config.context);
+                     config.count, model.config.context);
     std::fprintf(stderr, "%zu tokens in %.2f s (%.0f tokens/s); KV cache %zu bytes per token\n", generated, timer.seconds(),
-                 generated / std::max(timer.seconds(), 1e-9), kv_cache_bytes_per_token(checkpoint.model.config));
+                 generated / std::max(timer.seconds(), 1e-9), kv_cache_bytes_per_token(model.config));
+}
+
+void cmd_sample(const Flags& flags) {
+    set_thread_count(flags.positive("--threads"));
+    const SampleConfig config = sample_config_from_flags(flags);
+    Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
+    print_samples(checkpoint.model, checkpoint.tokenizer, config);
 }
 
 void cmd_tokenizer(const std::string& name, const Flags& flags) {

@@ -145,17 +145,30 @@ void reserve(DeviceBuffer<float>& buffer, const size_t n) {
 }
 
 // The one launch helper: checks the grid against the hardware limits, raises the dynamic shared-memory limit when a
-// kernel needs more than the default 48 KB, launches, and checks the launch.
+// kernel needs more than the default 48 KB, launches into `stream`, and checks the launch. The stages use the default
+// stream (launch); the GPU model uses model_stream (launch_on), which a CUDA graph can capture.
 template <typename... KernelArgs, typename... Args>
-void launch(const char* name, void (*kernel)(KernelArgs...), const dim3 grid, const dim3 block,
-            const size_t smem_bytes, Args&&... args) {
+void launch_on(const cudaStream_t stream, const char* name, void (*kernel)(KernelArgs...), const dim3 grid,
+               const dim3 block, const size_t smem_bytes, Args&&... args) {
     check(grid.y <= 65535 && grid.z <= 65535, std::string(name) + ": grid " + std::to_string(grid.y) + " x " +
                                                   std::to_string(grid.z) + " exceeds 65535 in y or z");
     if (smem_bytes > 48 * 1024)
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
-    kernel<<<grid, block, smem_bytes>>>(std::forward<Args>(args)...);
+    kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
     const cudaError_t status = cudaGetLastError();
     check(status == cudaSuccess, std::string(name) + ": launch failed: " + cudaGetErrorString(status));
+}
+template <typename... KernelArgs, typename... Args>
+void launch(const char* name, void (*kernel)(KernelArgs...), const dim3 grid, const dim3 block,
+            const size_t smem_bytes, Args&&... args) {
+    launch_on(cudaStream_t(nullptr), name, kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
+}
+
+// printf-style formatting of one number.
+std::string format(const char* pattern, const double value) {
+    char text[64];
+    std::snprintf(text, sizeof(text), pattern, value);
+    return text;
 }
 
 // True when p may be read as float4 (16-byte aligned) and every row of `row_length` floats starts aligned too.
@@ -1169,6 +1182,165 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
     });
 }
 
+// ==== Stage 7: decode attention, keys split across blocks (flash-decoding) ====
+// Stage 7: attention for a few query rows against a long K/V cache, the inner loop of sampling. Stages 4-6 give a block
+// 128 query rows; with one row there is one block per head, a handful for the whole GPU, each walking all keys alone.
+// Changes from stage 6: the KEYS are split instead. Block (split, g, row) takes keys [split * Bk, (split + 1) * Bk)
+// and every query head of K/V group g (they share the keys, so K and V are read once per group), and writes a partial
+// result per head: O_s = softmax-weighted V over its keys, its max m_s and sum l_s (one thread per key computes the
+// scores; threads then run along hd, so the reads of V coalesce). A second kernel merges the splits (DESIGN.md §7):
+//   m = max_s m_s,  l = sum_s e^(m_s - m) l_s,  O = sum_s e^(m_s - m) l_s O_s / l,  LSE = m + log l.
+// A split past the last key a row sees is empty (l_s = 0) and weighs nothing. The cache may hold more positions than
+// are filled (head stride max_T * hd), and the number of filled positions may be read from device memory, so that one
+// captured CUDA graph serves every decode step. Faster because all SMs stream the cache at once.
+// Not yet measured on its own; the model section of the bench times decoding with it.
+
+// Where the keys and values live and how they are split. Nk = past + Nq: the Nq new rows are the last Nq keys.
+struct SplitKv {
+    int64_t head_stride = 0;            // floats from one K/V head to the next (max_T * hd for the KV cache)
+    int capacity = 1;                   // positions the buffer holds; ceil(capacity / split_keys) blocks per row
+    int split_keys = 128;               // Bk, keys per block
+    int past = 0;                       // keys before the new rows, unless past_on_device is set
+    const int* past_on_device = nullptr;
+};
+
+constexpr int decode_threads = 128;
+constexpr int decode_split_keys = 128;  // Bk of the GPU model (not yet tuned)
+
+int decode_splits(const SplitKv& kv) { return int(ceil_div(kv.capacity, kv.split_keys)); }
+
+// Partial results of row r = (b*H + h)*Nq + i, split s, at r * splits + s: outputs [.., hd], then max and sum.
+struct DecodePartials {
+    float* out;
+    float* max;
+    float* sum;
+};
+
+DecodePartials carve_decode_partials(DeviceBuffer<float>& workspace, const int64_t rows, const int splits,
+                                     const int hd) {
+    const size_t count = size_t(rows) * splits;
+    reserve(workspace, count * (hd + 2));
+    return {workspace.data, workspace.data + count * hd, workspace.data + count * (hd + 1)};
+}
+
+size_t decode_smem_bytes(const AttentionShape& s, const SplitKv& kv) {
+    return sizeof(float) * (size_t(s.H / s.G) * (s.hd + kv.split_keys) + decode_threads);
+}
+
+template <int HD>
+__global__ void __launch_bounds__(decode_threads)
+    s7_decode_partial_kernel(const DecodePartials parts, const float* q, const float* k, const float* v,
+                             const AttentionShape s, const SplitKv kv) {
+    extern __shared__ float4 smem4[];
+    __shared__ float scratch[32];
+    const int group = s.H / s.G, split = blockIdx.x, splits = gridDim.x, g = blockIdx.y;
+    const int b = blockIdx.z / s.Nq, i = blockIdx.z % s.Nq;
+    float* q_s = reinterpret_cast<float*>(smem4);  // [group][HD], scaled by log2(e) / sqrt(hd)
+    float* scores = q_s + group * HD;              // [group][Bk], then P
+    float* partial = scores + group * kv.split_keys;  // [decode_threads], P V summed over the key lanes
+    const int past = kv.past_on_device ? *kv.past_on_device : kv.past;
+    const int visible = s.causal ? min(past + s.Nq, past + i + 1) : past + s.Nq;  // keys [0, visible) of row i
+    const int key0 = split * kv.split_keys, n_keys = max(0, min(kv.split_keys, visible - key0));
+    const auto part = [&](const int head) { return ((int64_t(b) * s.H + head) * s.Nq + i) * splits + split; };
+    if (n_keys == 0) {  // an empty split: l = 0 (the merge skips it)
+        for (int h = threadIdx.x; h < group; h += decode_threads) parts.max[part(g * group + h)] = -INFINITY,
+                                                                  parts.sum[part(g * group + h)] = 0.0f;
+        return;
+    }
+    for (int f = threadIdx.x; f < group * HD; f += decode_threads)
+        q_s[f] = q[((int64_t(b) * s.H + g * group + f / HD) * s.Nq + i) * HD + f % HD] * (rsqrtf(float(HD)) * log2_e);
+    __syncthreads();  // q_s is complete
+    const float* k_head = k + (int64_t(b) * s.G + g) * kv.head_stride + int64_t(key0) * HD;
+    const float* v_head = v + (int64_t(b) * s.G + g) * kv.head_stride + int64_t(key0) * HD;
+    // Scores: one thread per key, its K row in registers, one dot product per query head of the group.
+    for (int j = threadIdx.x; j < n_keys; j += decode_threads) {
+        float4 key[HD / 4];
+#pragma unroll
+        for (int d = 0; d < HD / 4; ++d) key[d] = reinterpret_cast<const float4*>(k_head + int64_t(j) * HD)[d];
+        for (int h = 0; h < group; ++h) {
+            const float4* q_h = reinterpret_cast<const float4*>(q_s + h * HD);
+            float dot = 0.0f;
+#pragma unroll
+            for (int d = 0; d < HD / 4; ++d) {
+                const float4 qq = q_h[d];
+                dot += qq.x * key[d].x + qq.y * key[d].y + qq.z * key[d].z + qq.w * key[d].w;
+            }
+            scores[h * kv.split_keys + j] = dot;
+        }
+    }
+    __syncthreads();  // every score is in shared memory
+    // Per head: m = max, P = 2^(S - m), l = sum P; then P V with thread (lane, d) summing keys lane, lane + lanes, ...
+    const int d = threadIdx.x % HD, lane = threadIdx.x / HD, lanes = decode_threads / HD;
+    for (int h = 0; h < group; ++h) {
+        float* p = scores + h * kv.split_keys;
+        float m = -INFINITY;
+        for (int j = threadIdx.x; j < n_keys; j += decode_threads) m = fmaxf(m, p[j]);
+        m = block_max(m, scratch);
+        float l = 0.0f;
+        for (int j = threadIdx.x; j < n_keys; j += decode_threads) l += (p[j] = exp2f(p[j] - m));
+        l = block_sum(l, scratch);  // its barriers also make every P visible
+        float acc = 0.0f;
+        if (lane < lanes)
+            for (int j = lane; j < n_keys; j += lanes) acc = fmaf(p[j], v_head[int64_t(j) * HD + d], acc);
+        partial[threadIdx.x] = acc;
+        __syncthreads();  // every lane's share of P V is in shared memory
+        if (threadIdx.x < HD) {
+            float o = 0.0f;
+            for (int r = 0; r < lanes; ++r) o += partial[r * HD + threadIdx.x];
+            const int64_t row = part(g * group + h);
+            parts.out[row * HD + threadIdx.x] = o / l;
+            if (threadIdx.x == 0) parts.max[row] = m, parts.sum[row] = l;
+        }
+        __syncthreads();  // partial is read before the next head overwrites it
+    }
+}
+
+// One block per output row (b, h, i): the merge rule of DESIGN.md §7 over its splits, in log2 units.
+__global__ void s7_decode_merge_kernel(float* out, float* lse, const DecodePartials parts, const int splits,
+                                       const int hd) {
+    const int64_t row = blockIdx.x;
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s)
+        if (parts.sum[row * splits + s] > 0.0f) m = fmaxf(m, parts.max[row * splits + s]);
+    float l = 0.0f;
+    for (int s = 0; s < splits; ++s)
+        if (parts.sum[row * splits + s] > 0.0f) l += exp2f(parts.max[row * splits + s] - m) * parts.sum[row * splits + s];
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const int64_t part = row * splits + s;
+            if (parts.sum[part] > 0.0f) o += exp2f(parts.max[part] - m) * parts.sum[part] * parts.out[part * hd + d];
+        }
+        out[row * hd + d] = l > 0.0f ? o / l : 0.0f;  // a row that sees no key gives 0
+    }
+    if (threadIdx.x == 0) lse[row] = l > 0.0f ? (m + log2f(l)) * ln_2 : -INFINITY;
+}
+
+// Q, O [B, H, Nq, hd], LSE [B, H, Nq]; K, V [B, G, .., hd] with heads kv.head_stride apart; Nk = past + Nq.
+void decode_attention(const cudaStream_t stream, float* out, float* lse, const float* q, const float* k,
+                      const float* v, const AttentionShape& s, const SplitKv& kv, DeviceBuffer<float>& workspace) {
+    check_attention_shape("7", s);
+    check(kv.split_keys >= 1 && kv.capacity >= 1, "stage 7: split_keys and capacity must be positive");
+    const int splits = decode_splits(kv);
+    const DecodePartials parts = carve_decode_partials(workspace, int64_t(s.B) * s.H * s.Nq, splits, s.hd);
+    dispatch_head_size("7", s.hd, [&](auto hd) {
+        constexpr int HD = decltype(hd)::value;
+        launch_on(stream, "s7_decode_partial", s7_decode_partial_kernel<HD>, dim3(splits, s.G, s.B * s.Nq),
+                  dim3(decode_threads), decode_smem_bytes(s, kv), parts, q, k, v, s, kv);
+    });
+    launch_on(stream, "s7_decode_merge", s7_decode_merge_kernel, dim3(s.B * s.H * s.Nq), dim3(decode_threads), 0, out,
+              lse, parts, splits, s.hd);
+}
+
+// The stage-table launcher: K, V packed [B, G, Nk, hd], the Nq rows the last Nq keys (as in stages 2-6).
+void s7_attention_decode_split(float* out, float* lse, const float* q, const float* k, const float* v,
+                               const AttentionShape& s, DeviceBuffer<float>& workspace) {
+    SplitKv kv;
+    kv.head_stride = int64_t(s.Nk) * s.hd, kv.capacity = s.Nk, kv.split_keys = decode_split_keys;
+    kv.past = s.Nk - s.Nq;
+    decode_attention(nullptr, out, lse, q, k, v, s, kv, workspace);
+}
+
 // ==== Runner ====
 // The stages[] table names every stage once: its id (the CLI's --stage, the bench table's first column and the
 // prefix of its kernels), its launcher and its idea. run_stage() makes random inputs, computes the reference with
@@ -1259,6 +1431,11 @@ const Stage stages[] = {
      .idea = "causal tile skipping, diagonal-only masks",
      .kind = StageKind::attention,
      .attention = s6_attention_flash_causal},
+    {.id = "7",
+     .kernel = "s7_attention_decode_split",
+     .idea = "decode: keys split across blocks, partials merged (flash-decoding)",
+     .kind = StageKind::attention,
+     .attention = s7_attention_decode_split},
 };
 
 // The bench's yardstick for stage 1, run through the same check; not a stage of the course.
@@ -1638,6 +1815,546 @@ StageResult run_stage(const Stage& stage, const RunConfig& config) {
     return run_stage(stage, problem);
 }
 
+// ==== GPU model: the kernels of one transformer layer ====
+// The whole GPT of gpt.cpp (DESIGN.md §3) on the GPU, in fp32 like the CPU engine, one kernel per step of
+// model_forward: embedding, RMSNorm, the linear layers, RoPE, attention (a stage of this course), SwiGLU and the
+// residual adds. Rows are token positions, as in gpt.cpp: x [rows, D]. Linear layers take the weights as stored in
+// the checkpoint, w [out, in], and compute x w^T. Two regimes: many rows (prefill, evaluation) is a matrix product,
+// done by stage 1d; one row (a decode step) is a matrix-vector product that reads every weight once, so its speed
+// limit is memory bandwidth: gemv_kernel below, which also folds in the RMSNorm before it and the residual add or the
+// SwiGLU after it, so a decode step is few kernels. All these kernels run on model_stream; a decode step is
+// replayed from a CUDA graph (see the inference section), which the legacy default stream cannot be captured into.
+
+const cudaStream_t model_stream = cudaStreamPerThread;  // ordered with the default stream that the stages use
+
+// x[n, :] = table[tokens[n], :]    tokens [rows] -> x [rows, D]
+__global__ void embedding_kernel(float* x, const float* table, const int* tokens, const int D) {
+    const float* row = table + int64_t(tokens[blockIdx.x]) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) x[int64_t(blockIdx.x) * D + d] = row[d];
+}
+
+// y[n, :] = x[n, :] r w with r = 1 / sqrt(mean(x[n, :]^2) + eps), one block per row    x, y [rows, D]
+__global__ void rms_norm_kernel(float* y, const float* x, const float* w, const int D, const float eps) {
+    __shared__ float scratch[32];
+    const float* row = x + int64_t(blockIdx.x) * D;
+    float sum_squares = 0.0f;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) sum_squares += row[d] * row[d];
+    const float r = 1.0f / sqrtf(block_sum(sum_squares, scratch) / D + eps);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) y[int64_t(blockIdx.x) * D + d] = row[d] * r * w[d];
+}
+
+// silu(z) = z / (1 + e^-z), as in gpt.cpp
+__device__ float silu(const float z) { return z * (1.0f / (1.0f + expf(-z))); }
+
+// What a linear layer does with its product p = x w^T: store it, add it to the output (the residual stream), or, for
+// the stacked [gate; up] weights of the MLP, store silu(p[:, j]) * p[:, F + j] for j < F.
+enum class LinearOutput { store, add, swiglu };
+
+// The epilogue of the many-row path: out [rows, N] from the product p [rows, N] (swiglu: p [rows, 2N]).
+template <LinearOutput MODE>
+__global__ void linear_output_kernel(float* out, const float* product, const int64_t rows, const int N) {
+    const int64_t count = rows * N, stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += stride) {
+        if constexpr (MODE == LinearOutput::add) out[e] += product[e];
+        if constexpr (MODE == LinearOutput::swiglu) {
+            const int64_t n = e / N, j = e % N;
+            out[e] = silu(product[n * 2 * N + j]) * product[n * 2 * N + N + j];
+        }
+    }
+}
+
+// ---- gemv: one row through a linear layer ----
+// out = output(w x~), x~ = rms_norm(x) when norm_weight is given, else x.   x [K], w [N, K] (swiglu: [2N, K]) -> [N]
+// The block first writes x~ into shared memory (every block recomputes the norm: K floats from L2, cheap); then each
+// warp owns an output j and walks row j of w in float4 steps, consecutive lanes on consecutive float4s (coalesced,
+// 512 bytes per warp per step, several steps in flight), and sums its lanes with shuffles. Every weight is read once.
+constexpr int gemv_threads = 256, gemv_warps = gemv_threads / 32;
+
+template <bool VECTOR>
+__device__ float warp_dot(const float* w_row, const float* x_s, const int K) {
+    float sum = 0.0f;
+    if constexpr (VECTOR) {
+        const float4* w4 = reinterpret_cast<const float4*>(w_row);
+        const float4* x4 = reinterpret_cast<const float4*>(x_s);
+#pragma unroll 4
+        for (int k = threadIdx.x % 32; k < K / 4; k += 32) {
+            const float4 a = __ldg(w4 + k), b = x4[k];
+            sum += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+        }
+    } else {
+        for (int k = threadIdx.x % 32; k < K; k += 32) sum += w_row[k] * x_s[k];
+    }
+    return warp_sum(sum);
+}
+
+template <LinearOutput MODE, bool VECTOR>
+__global__ void __launch_bounds__(gemv_threads)
+    gemv_kernel(float* out, const float* w, const float* x, const float* norm_weight, const float eps, const int N,
+                const int K) {
+    extern __shared__ float4 smem4[];
+    __shared__ float scratch[32];
+    float* x_s = reinterpret_cast<float*>(smem4);
+    float r = 1.0f;
+    if (norm_weight) {
+        float sum_squares = 0.0f;
+        for (int k = threadIdx.x; k < K; k += gemv_threads) sum_squares += x[k] * x[k];
+        r = 1.0f / sqrtf(block_sum(sum_squares, scratch) / K + eps);
+    }
+    for (int k = threadIdx.x; k < K; k += gemv_threads) x_s[k] = norm_weight ? x[k] * r * norm_weight[k] : x[k];
+    __syncthreads();  // x~ is complete
+    const int j = blockIdx.x * gemv_warps + threadIdx.x / 32;
+    if (j >= N) return;
+    const float p = warp_dot<VECTOR>(w + int64_t(j) * K, x_s, K);
+    if constexpr (MODE == LinearOutput::swiglu) {
+        const float up = warp_dot<VECTOR>(w + int64_t(N + j) * K, x_s, K);
+        if (threadIdx.x % 32 == 0) out[j] = silu(p) * up;
+    } else if (threadIdx.x % 32 == 0) {
+        out[j] = MODE == LinearOutput::add ? out[j] + p : p;
+    }
+}
+
+// ---- RoPE and the split into heads ----
+// qkv [B*T, (H + 2G) hd] (the q, k and v projections side by side) -> q [B, H, T, hd], k, v [B, G, T, hd], with RoPE
+// (DESIGN.md §3, rotate-half) on q and k at position past + t. With a cache, k and v also go to the cache rows
+// past + t ([G, max_T, hd]); k_out and v_out may then be null. One block per row; thread e handles the pair
+// (i, i + hd/2) of one head. The angle is computed in double, as on the CPU, so both round it the same way.
+__global__ void split_heads_rope_kernel(float* q_out, float* k_out, float* v_out, float* cache_k, float* cache_v,
+                                        const float* qkv, const int T, const int H, const int G, const int hd,
+                                        const float theta, const int max_T, const int* past) {
+    const int n = blockIdx.x, b = n / T, t = n % T, half = hd / 2;
+    const int position = (past ? *past : 0) + t;
+    const float* row = qkv + int64_t(n) * (H + 2 * G) * hd;
+    for (int e = threadIdx.x; e < (H + 2 * G) * half; e += blockDim.x) {
+        const int head = e / half, i = e % half;
+        float first = row[head * hd + i], second = row[head * hd + i + half];
+        if (head < H + G) {
+            const double angle = double(position) * pow(double(theta), -2.0 * i / hd);
+            const float c = float(cos(angle)), s = float(sin(angle));
+            const float rotated_first = first * c - second * s;
+            second = second * c + first * s, first = rotated_first;
+        }
+        float* dst = nullptr;
+        float* cache = nullptr;
+        if (head < H) {
+            dst = q_out + ((int64_t(b) * H + head) * T + t) * hd;
+        } else {
+            const int g = (head - H) % G;
+            const bool key = head < H + G;
+            float* packed = key ? k_out : v_out;
+            if (packed) dst = packed + ((int64_t(b) * G + g) * T + t) * hd;
+            if (key ? cache_k : cache_v) cache = (key ? cache_k : cache_v) + (int64_t(g) * max_T + position) * hd;
+        }
+        if (dst) dst[i] = first, dst[i + half] = second;
+        if (cache) cache[i] = first, cache[i + half] = second;
+    }
+}
+
+// attended [B, H, T, hd] -> rows [B*T, H*hd] (heads side by side again, for o_proj)
+__global__ void merge_heads_kernel(float* rows, const float* attended, const int T, const int H, const int hd) {
+    const int n = blockIdx.x, b = n / T, t = n % T;
+    for (int e = threadIdx.x; e < H * hd; e += blockDim.x)
+        rows[int64_t(n) * H * hd + e] = attended[((int64_t(b) * H + e / hd) * T + t) * hd + e % hd];
+}
+
+// losses[n] = logsumexp(logits[n, :]) - logits[n, target[n]], one block per row    logits [rows, V]
+__global__ void cross_entropy_kernel(float* losses, const float* logits, const int* targets, const int V) {
+    __shared__ float scratch[32];
+    const float* row = logits + int64_t(blockIdx.x) * V;
+    float m = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, row[v]);
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(row[v] - m);
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) losses[blockIdx.x] = m + logf(sum) - row[targets[blockIdx.x]];
+}
+
+__global__ void advance_kernel(int* length, const int T) { *length += T; }
+
+// ==== GPU model: weights, activations, KV cache and the forward pass ====
+// upload_model copies a gpt.cpp Model to the device once: the q, k, v projections stacked into one [(H + 2G) hd, D]
+// matrix and gate and up into one [2F, D], so each is one product. The activations are allocated once, for up to
+// max_rows positions, and reused (a captured decode graph holds their addresses). gpu_forward mirrors model_forward
+// line by line; the attention stage is chosen with --stage (stages 2-6 for many rows; a decode step uses stage 7).
+// Dense models only: a Mixture-of-Experts layer would be one more FFN function beside dense_ffn, called from
+// gpu_forward where the layer is MoE.
+
+struct GpuLayer {
+    DeviceBuffer<float> attn_norm;  // [D]
+    DeviceBuffer<float> wqkv;       // [(H + 2G) hd, D]   q_proj, k_proj, v_proj stacked
+    DeviceBuffer<float> wo;         // [D, H hd]
+    DeviceBuffer<float> ffn_norm;   // [D]
+    DeviceBuffer<float> w_gate_up;  // [2F, D]            gate_proj, up_proj stacked
+    DeviceBuffer<float> w_down;     // [D, F]
+};
+
+struct GpuActivations {
+    int max_rows = 0;
+    DeviceBuffer<int> tokens, targets;  // [rows]
+    DeviceBuffer<float> x;              // [rows, D] the residual stream
+    DeviceBuffer<float> normed;         // [rows, D] rms_norm(x), many-row path
+    DeviceBuffer<float> product;        // [rows, widest layer] x w^T before the epilogue, many-row path
+    DeviceBuffer<float> qkv;            // [rows, (H + 2G) hd]
+    DeviceBuffer<float> q, k, v;        // [B, H, T, hd], [B, G, T, hd]
+    DeviceBuffer<float> attended;       // [B, H, T, hd]
+    DeviceBuffer<float> attended_rows;  // [rows, H hd]
+    DeviceBuffer<float> lse;            // [B, H, T]
+    DeviceBuffer<float> hidden;         // [rows, F]
+    DeviceBuffer<float> logits;         // [rows, V]
+    DeviceBuffer<float> losses;         // [rows]
+    DeviceBuffer<float> attention_scratch;  // the many-row stage's workspace (stage 2: S; stage 4: m, l)
+    DeviceBuffer<float> decode_partials;    // stage 7's partial results in a decode step (fixed: graphs hold it)
+};
+
+struct GpuModel {
+    ModelConfig config;
+    const Stage* attention_stage = nullptr;  // many-row attention: stage 2, 3b, 4, 5 or 6
+    DeviceBuffer<float> embed;               // [V, D]
+    std::vector<GpuLayer> layers;
+    DeviceBuffer<float> final_norm;          // [D]
+    DeviceBuffer<float> lm_head;             // [V, D], empty when tied
+    GpuActivations work;
+};
+
+template <typename T>
+DeviceBuffer<T> copy_on_device(const DeviceBuffer<T>& source) {
+    DeviceBuffer<T> copy(source.count);
+    if (source.count)
+        CUDA_CHECK(cudaMemcpyAsync(copy.data, source.data, source.count * sizeof(T), cudaMemcpyDeviceToDevice,
+                                   model_stream));
+    return copy;
+}
+
+// The KV cache on the device, as in gpt.cpp: per layer K and V [G, max_T, hd]. The filled length is kept on the host
+// and on the device: the kernels of a decode step read it there, so a replayed graph sees the current length. A copy
+// (prefix sharing: every document starts from the prompt's cache) is a new allocation with the same contents.
+struct GpuKvCache {
+    int length = 0, max_T = 0;
+    DeviceBuffer<float> keys, values;  // [L, G, max_T, hd]
+    DeviceBuffer<int> length_on_device;
+
+    GpuKvCache() = default;
+    GpuKvCache(const GpuKvCache& other)
+        : length(other.length), max_T(other.max_T), keys(copy_on_device(other.keys)),
+          values(copy_on_device(other.values)), length_on_device(copy_on_device(other.length_on_device)) {}
+    GpuKvCache(GpuKvCache&&) = default;
+    GpuKvCache& operator=(GpuKvCache&&) = default;
+};
+
+size_t layer_parameters(const ModelConfig& c) {
+    const size_t D = c.dim, hd = c.head_dim();
+    return 2 * D + (c.n_heads + 2 * c.n_kv_heads) * hd * D + D * c.n_heads * hd + 3 * D * c.ffn_dim;
+}
+size_t model_parameters_count(const ModelConfig& c) {
+    return size_t(c.vocab_size) * c.dim * (c.tie_embeddings ? 1 : 2) + c.n_layers * layer_parameters(c) + c.dim;
+}
+size_t widest_layer(const ModelConfig& c) {
+    return std::max({size_t(c.dim), size_t(c.n_heads + 2 * c.n_kv_heads) * c.head_dim(), 2 * size_t(c.ffn_dim),
+                     size_t(c.vocab_size)});
+}
+size_t activation_floats(const ModelConfig& c, const int rows) {
+    const size_t hd = c.head_dim(), H = c.n_heads, G = c.n_kv_heads;
+    return rows * (2 * c.dim + widest_layer(c) + (H + 2 * G) * hd * 2 + 3 * H * hd + H + c.ffn_dim + c.vocab_size + 1);
+}
+
+// Refuses, before allocating anything, a model whose weights, activations and one KV cache do not fit in free memory.
+void check_fits_on_gpu(const ModelConfig& c, const int max_rows) {
+    const double gib = double(1 << 30);
+    const double weights = 4.0 * model_parameters_count(c), activations = 4.0 * activation_floats(c, max_rows);
+    const double cache = double(kv_cache_bytes_per_token(c)) * c.context;
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    check(weights + activations + cache <= double(free_bytes),
+          "the model does not fit in GPU memory: it needs " + format("%.2f", (weights + activations + cache) / gib) +
+              " GiB (weights " + format("%.2f", weights / gib) + ", activations " + format("%.2f", activations / gib) +
+              ", KV cache " + format("%.2f", cache / gib) + "), " + format("%.2f", free_bytes / gib) + " GiB are free");
+}
+
+DeviceBuffer<float> stacked_on_device(std::initializer_list<const Tensor*> parts) {
+    std::vector<float> host;
+    for (const Tensor* part : parts) host.insert(host.end(), part->data.begin(), part->data.end());
+    return to_device(host);
+}
+
+const Stage& model_attention_stage(const std::string& id) {
+    const Stage& stage = find_stage(id);
+    check(stage.kind == StageKind::attention && std::string_view(stage.id) != "7",
+          "--stage " + id + " is not an attention stage for many rows (2, 3b, 4, 5 or 6)");
+    return stage;
+}
+
+// max_rows: the most positions one forward takes (a prompt, or evaluation windows side by side).
+GpuModel upload_model(const Model& model, const std::string& stage_id, const int max_rows) {
+    const ModelConfig& c = model.config;
+    GpuModel gpu;
+    gpu.config = c;
+    gpu.attention_stage = &model_attention_stage(stage_id);
+    dispatch_head_size(gpu.attention_stage->id, c.head_dim(), [](auto) {});  // and stage 7, compiled for the same
+    check(max_rows >= c.context, "upload_model: max_rows must cover the context");
+    check_fits_on_gpu(c, max_rows);
+    gpu.embed = to_device(model.embed.data);
+    for (const Layer& layer : model.layers)
+        gpu.layers.push_back({to_device(layer.attn_norm.data), stacked_on_device({&layer.wq, &layer.wk, &layer.wv}),
+                              to_device(layer.wo.data), to_device(layer.ffn_norm.data),
+                              stacked_on_device({&layer.mlp.w_gate, &layer.mlp.w_up}), to_device(layer.mlp.w_down.data)});
+    gpu.final_norm = to_device(model.final_norm.data);
+    if (!c.tie_embeddings) gpu.lm_head = to_device(model.lm_head.data);
+    GpuActivations& w = gpu.work;
+    const size_t rows = max_rows, hd = c.head_dim(), H = c.n_heads, G = c.n_kv_heads;
+    w.max_rows = max_rows;
+    w.tokens = DeviceBuffer<int>(rows), w.targets = DeviceBuffer<int>(rows);
+    w.x = DeviceBuffer<float>(rows * c.dim), w.normed = DeviceBuffer<float>(rows * c.dim);
+    w.product = DeviceBuffer<float>(rows * widest_layer(c));
+    w.qkv = DeviceBuffer<float>(rows * (H + 2 * G) * hd);
+    w.q = DeviceBuffer<float>(rows * H * hd), w.k = DeviceBuffer<float>(rows * G * hd);
+    w.v = DeviceBuffer<float>(rows * G * hd);
+    w.attended = DeviceBuffer<float>(rows * H * hd), w.attended_rows = DeviceBuffer<float>(rows * H * hd);
+    w.lse = DeviceBuffer<float>(rows * H), w.hidden = DeviceBuffer<float>(rows * c.ffn_dim);
+    w.logits = DeviceBuffer<float>(rows * c.vocab_size), w.losses = DeviceBuffer<float>(rows);
+    // A decode step's stage-7 partials, allocated now so that the captured graph keeps valid addresses.
+    SplitKv kv;
+    kv.capacity = c.context, kv.split_keys = decode_split_keys;
+    reserve(w.decode_partials, size_t(H) * decode_splits(kv) * (hd + 2));
+    return gpu;
+}
+
+GpuKvCache make_gpu_kv_cache(const ModelConfig& c) {
+    GpuKvCache cache;
+    cache.max_T = c.context;
+    const size_t size = size_t(c.n_layers) * c.n_kv_heads * c.context * c.head_dim();
+    cache.keys = DeviceBuffer<float>(size), cache.values = DeviceBuffer<float>(size);
+    cache.length_on_device = DeviceBuffer<int>(1);
+    CUDA_CHECK(cudaMemsetAsync(cache.length_on_device.data, 0, sizeof(int), model_stream));
+    return cache;
+}
+
+// out = output(norm(x) w^T) for `rows` rows: x [rows, K], w [N, K] (swiglu: [2N, K]) -> out [rows, N].
+void linear(GpuModel& model, float* out, const float* x, const float* w, const float* norm_weight, const int rows,
+            const int K, const int N, const LinearOutput mode) {
+    GpuActivations& work = model.work;
+    const float eps = model.config.norm_eps;
+    if (rows == 1) {
+        const bool vector = K % 4 == 0 && float4_ok(w, K);
+        const size_t smem = sizeof(float) * K;
+        const auto run = [&](auto kernel) {
+            launch_on(model_stream, "gemv", kernel, dim3(ceil_div(N, gemv_warps)), dim3(gemv_threads), smem, out, w, x,
+                      norm_weight, eps, N, K);
+        };
+        if (mode == LinearOutput::store) vector ? run(gemv_kernel<LinearOutput::store, true>) : run(gemv_kernel<LinearOutput::store, false>);
+        if (mode == LinearOutput::add) vector ? run(gemv_kernel<LinearOutput::add, true>) : run(gemv_kernel<LinearOutput::add, false>);
+        if (mode == LinearOutput::swiglu) vector ? run(gemv_kernel<LinearOutput::swiglu, true>) : run(gemv_kernel<LinearOutput::swiglu, false>);
+        return;
+    }
+    const float* input = x;
+    if (norm_weight) {
+        launch_on(model_stream, "rms_norm", rms_norm_kernel, dim3(rows), dim3(256), 0, work.normed.data, x, norm_weight,
+                  K, eps);
+        input = work.normed.data;
+    }
+    float* product = mode == LinearOutput::store ? out : work.product.data;
+    MatmulShape shape;
+    shape.M = rows, shape.N = mode == LinearOutput::swiglu ? 2 * N : N, shape.K = K;
+    s1d_matmul_qk_transposed(product, input, w, shape);  // default stream: runs after model_stream's work, and before its next
+    const dim3 grid(int(std::min<int64_t>(ceil_div(int64_t(rows) * N, 256), 4096)));
+    if (mode == LinearOutput::add)
+        launch_on(model_stream, "residual_add", linear_output_kernel<LinearOutput::add>, grid, dim3(256), 0, out,
+                  product, int64_t(rows), N);
+    if (mode == LinearOutput::swiglu)
+        launch_on(model_stream, "swiglu", linear_output_kernel<LinearOutput::swiglu>, grid, dim3(256), 0, out, product,
+                  int64_t(rows), N);
+}
+
+// x = x + o_proj(attention(rope(q), rope(k), v)) with q, k, v from rms_norm(x). With a cache (B = 1), the new keys and
+// values go to it; a prompt at position 0 attends with the chosen stage, a decode step with stage 7 over the cache.
+void attention_block(GpuModel& model, const GpuLayer& layer, const int layer_index, const int B, const int T,
+                     GpuKvCache* cache) {
+    const ModelConfig& c = model.config;
+    GpuActivations& w = model.work;
+    const int rows = B * T, H = c.n_heads, G = c.n_kv_heads, hd = c.head_dim();
+    linear(model, w.qkv.data, w.x.data, layer.wqkv.data, layer.attn_norm.data, rows, c.dim, (H + 2 * G) * hd,
+           LinearOutput::store);
+    const bool decode = cache && T == 1;
+    const size_t cache_offset = cache ? size_t(layer_index) * G * cache->max_T * hd : 0;
+    float* cache_k = cache ? cache->keys.data + cache_offset : nullptr;
+    float* cache_v = cache ? cache->values.data + cache_offset : nullptr;
+    launch_on(model_stream, "split_heads_rope", split_heads_rope_kernel, dim3(rows), dim3(128), 0, w.q.data,
+              decode ? nullptr : w.k.data, decode ? nullptr : w.v.data, cache_k, cache_v, w.qkv.data, T, H, G, hd,
+              c.rope_theta, cache ? cache->max_T : 0, cache ? cache->length_on_device.data : nullptr);
+    AttentionShape shape;
+    shape.B = B, shape.H = H, shape.G = G, shape.Nq = T, shape.Nk = T, shape.hd = hd, shape.causal = true;
+    const float* attended_rows = w.attended_rows.data;
+    if (decode) {  // [H, 1, hd] is already the row [1, H hd]
+        SplitKv kv;
+        kv.head_stride = int64_t(cache->max_T) * hd, kv.capacity = cache->max_T, kv.split_keys = decode_split_keys;
+        kv.past_on_device = cache->length_on_device.data;
+        decode_attention(model_stream, w.attended.data, w.lse.data, w.q.data, cache_k, cache_v, shape, kv,
+                         w.decode_partials);
+        attended_rows = w.attended.data;
+    } else {
+        model.attention_stage->attention(w.attended.data, w.lse.data, w.q.data, w.k.data, w.v.data, shape,
+                                         w.attention_scratch);
+        launch_on(model_stream, "merge_heads", merge_heads_kernel, dim3(rows), dim3(128), 0, w.attended_rows.data,
+                  w.attended.data, T, H, hd);
+    }
+    linear(model, w.x.data, attended_rows, layer.wo.data, nullptr, rows, H * hd, c.dim, LinearOutput::add);
+}
+
+// x = x + down_proj(silu(gate_proj(h)) * up_proj(h)) with h = rms_norm(x): the dense SwiGLU MLP.
+void dense_ffn(GpuModel& model, const GpuLayer& layer, const int rows) {
+    const ModelConfig& c = model.config;
+    GpuActivations& w = model.work;
+    linear(model, w.hidden.data, w.x.data, layer.w_gate_up.data, layer.ffn_norm.data, rows, c.dim, c.ffn_dim,
+           LinearOutput::swiglu);
+    linear(model, w.x.data, w.hidden.data, layer.w_down.data, nullptr, rows, c.ffn_dim, c.dim, LinearOutput::add);
+}
+
+// work.tokens [B*T] (already on the device) -> work.logits [B*T, V]. As model_forward: with a cache, B = 1 and the
+// tokens sit at positions cache.length .. cache.length + T - 1; the device copy of the length advances by T here (the
+// host copy is the caller's). Launches only, no synchronisation, so a decode step can be captured into a graph.
+void gpu_forward(GpuModel& model, const int B, const int T, GpuKvCache* cache) {
+    const ModelConfig& c = model.config;
+    check(int64_t(B) * T <= model.work.max_rows, "gpu_forward: " + std::to_string(int64_t(B) * T) +
+                                                      " positions exceed the " + std::to_string(model.work.max_rows) +
+                                                      " the activations were allocated for");
+    check(!cache || (B == 1 && (cache->length == 0 || T == 1)),
+          "the GPU KV cache takes one sequence: a prompt at position 0, then one token at a time");
+    const int rows = B * T, past = cache ? cache->length : 0;
+    check(past + T <= c.context, "positions up to " + std::to_string(past + T) +
+                                     " do not fit the model's context of " + std::to_string(c.context));
+    GpuActivations& w = model.work;
+    launch_on(model_stream, "embedding", embedding_kernel, dim3(rows), dim3(256), 0, w.x.data, model.embed.data,
+              w.tokens.data, c.dim);
+    for (size_t l = 0; l < model.layers.size(); ++l) {
+        attention_block(model, model.layers[l], int(l), B, T, cache);
+        dense_ffn(model, model.layers[l], rows);
+    }
+    if (cache) launch_on(model_stream, "advance", advance_kernel, dim3(1), dim3(1), 0, cache->length_on_device.data, T);
+    const float* head = c.tie_embeddings ? model.embed.data : model.lm_head.data;
+    linear(model, w.logits.data, w.x.data, head, model.final_norm.data, rows, c.dim, c.vocab_size, LinearOutput::store);
+}
+
+// Token ids go to the device after the CPU engine's own check.
+void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens, const int V) {
+    for (const int token : tokens)
+        check(token >= 0 && token < V, "token id " + std::to_string(token) + " is outside the vocabulary");
+    CUDA_CHECK(cudaMemcpyAsync(buffer.data, tokens.data(), tokens.size_bytes(), cudaMemcpyHostToDevice, model_stream));
+}
+
+// ==== GPU model: inference and evaluation ====
+// prefill and decode_step as in gpt.cpp §11, so gpt.cpp's generate and prefill_prompt run on the GPU unchanged. A
+// decode step's ~7 kernels per layer are short (a D x D gemv reads 2.4 MB: under a microsecond at 3 TB/s), so
+// launching them one by one from the CPU would cost more than running them: the first decode step of a state is
+// captured into a CUDA graph, and every step replays it (its kernels read the position from the device).
+
+// One captured decode step, replayed with one launch.
+struct CudaGraph {
+    cudaGraphExec_t exec = nullptr;
+    CudaGraph() = default;
+    CudaGraph(const CudaGraph&) = delete;
+    CudaGraph& operator=(const CudaGraph&) = delete;
+    CudaGraph(CudaGraph&& other) noexcept : exec(std::exchange(other.exec, nullptr)) {}
+    CudaGraph& operator=(CudaGraph&& other) noexcept {
+        if (this != &other) {
+            if (exec) cudaGraphExecDestroy(exec);
+            exec = std::exchange(other.exec, nullptr);
+        }
+        return *this;
+    }
+    ~CudaGraph() {
+        if (exec) cudaGraphExecDestroy(exec);
+    }
+};
+
+struct GpuInferenceState {
+    GpuKvCache cache;
+    std::vector<float> logits;  // [V], the prediction after the last position processed
+    CudaGraph decode_graph;     // captured at the first decode step (a copy captures its own: it has its own cache)
+
+    GpuInferenceState() = default;
+    GpuInferenceState(const GpuInferenceState& other) : cache(other.cache), logits(other.logits) {}
+    GpuInferenceState(GpuInferenceState&&) = default;
+    GpuInferenceState& operator=(GpuInferenceState&&) = default;
+};
+
+// The last row of work.logits -> state.logits (waits for the GPU).
+void download_last_logits(GpuModel& model, GpuInferenceState& state, const int rows) {
+    const int V = model.config.vocab_size;
+    state.logits.resize(V);
+    CUDA_CHECK(cudaMemcpyAsync(state.logits.data(), model.work.logits.data + size_t(rows - 1) * V, sizeof(float) * V,
+                               cudaMemcpyDeviceToHost, model_stream));
+    CUDA_CHECK(cudaStreamSynchronize(model_stream));
+}
+
+GpuInferenceState prefill(GpuModel& model, const std::span<const int> prompt) {
+    check(!prompt.empty(), "prefill needs at least one token");
+    check(int(prompt.size()) <= model.config.context, "positions up to " + std::to_string(prompt.size()) +
+                                                          " do not fit the model's context of " +
+                                                          std::to_string(model.config.context));
+    GpuInferenceState state;
+    state.cache = make_gpu_kv_cache(model.config);
+    upload_tokens(model.work.tokens, prompt, model.config.vocab_size);
+    gpu_forward(model, 1, int(prompt.size()), &state.cache);
+    state.cache.length = int(prompt.size());
+    download_last_logits(model, state, int(prompt.size()));
+    return state;
+}
+
+void decode_step(GpuModel& model, GpuInferenceState& state, const int token) {
+    check(state.cache.length < model.config.context, "positions up to " + std::to_string(state.cache.length + 1) +
+                                                         " do not fit the model's context of " +
+                                                         std::to_string(model.config.context));
+    upload_tokens(model.work.tokens, std::span<const int>(&token, 1), model.config.vocab_size);
+    if (!state.decode_graph.exec) {
+        cudaGraph_t graph = nullptr;
+        CUDA_CHECK(cudaStreamBeginCapture(model_stream, cudaStreamCaptureModeThreadLocal));
+        try {
+            gpu_forward(model, 1, 1, &state.cache);
+        } catch (const Error&) {
+            cudaStreamEndCapture(model_stream, &graph);
+            if (graph) cudaGraphDestroy(graph);
+            throw;
+        }
+        CUDA_CHECK(cudaStreamEndCapture(model_stream, &graph));
+        const cudaError_t status = cudaGraphInstantiate(&state.decode_graph.exec, graph, 0);
+        cudaGraphDestroy(graph);
+        CUDA_CHECK(status);
+    }
+    CUDA_CHECK(cudaGraphLaunch(state.decode_graph.exec, model_stream));
+    state.cache.length += 1;
+    download_last_logits(model, state, 1);
+}
+
+// Evaluation (DESIGN.md §1), as gpt.cpp's evaluate: windows at 0, T, 2T, ..., as many side by side as the activations
+// hold; per-position losses on the GPU, summed in double on the CPU.
+EvalResult evaluate(GpuModel& model, const std::vector<int>& stream) {
+    const int T = model.config.context, V = model.config.vocab_size;
+    const size_t targets = stream.size() >= 2 ? stream.size() - 1 : 0;
+    EvalResult result;
+    if (targets == 0) return result;
+    GpuActivations& w = model.work;
+    std::vector<float> losses(w.max_rows);
+    double total = 0.0;
+    const auto run = [&](const size_t first, const int B, const int length) {
+        const int rows = B * length;
+        upload_tokens(w.tokens, std::span<const int>(stream.data() + first, rows), V);
+        upload_tokens(w.targets, std::span<const int>(stream.data() + first + 1, rows), V);
+        gpu_forward(model, B, length, nullptr);
+        launch_on(model_stream, "cross_entropy", cross_entropy_kernel, dim3(rows), dim3(256), 0, w.losses.data,
+                  w.logits.data, w.targets.data, V);
+        CUDA_CHECK(cudaMemcpyAsync(losses.data(), w.losses.data, sizeof(float) * rows, cudaMemcpyDeviceToHost,
+                                   model_stream));
+        CUDA_CHECK(cudaStreamSynchronize(model_stream));
+        for (int n = 0; n < rows; ++n) total += losses[n];
+    };
+    const size_t full_windows = targets / T, windows_per_run = std::max(1, w.max_rows / T);
+    for (size_t window = 0; window < full_windows; window += windows_per_run)
+        run(window * T, int(std::min(windows_per_run, full_windows - window)), T);
+    if (const int rest = int(targets - full_windows * T); rest > 0) run(full_windows * T, 1, rest);
+    result.tokens = targets;
+    result.loss = total / double(targets);
+    return result;
+}
+
 // ==== Bench and CLI ====
 // ./gpt_cuda bench runs every stage on the issue's shapes and writes the table as Markdown and as an SVG bar chart.
 // % of peak is against the fp32 FMA peak for matmul and attention, and against DRAM bandwidth for the memory-bound
@@ -1677,12 +2394,6 @@ struct CudaBenchRow {
 
 bool memory_bound(const StageKind kind) {
     return kind == StageKind::elementwise || kind == StageKind::row_reduce || kind == StageKind::row_softmax;
-}
-
-std::string format(const char* pattern, const double value) {
-    char text[64];
-    std::snprintf(text, sizeof(text), pattern, value);
-    return text;
 }
 
 std::string today() {
@@ -1781,7 +2492,7 @@ std::string bench_svg(const std::vector<CudaBenchRow>& rows, const DevicePeaks& 
 }
 
 struct BenchOptions {
-    bool json = false, quick = false;
+    bool json = false, quick = false, model = true;
     std::string out_dir = "out";
     std::set<std::string> only;  // stage ids to run; empty = all
 };
@@ -1843,12 +2554,167 @@ std::vector<CudaBenchRow> run_bench(const BenchOptions& options, const DevicePea
     return rows;
 }
 
-// The command line reuses gpt.cpp's flag tables (Command, FlagSpec), parser (parse_flags) and UsageError.
+// ---- The model section of the bench ----
+// A larger model with random weights (gpt.cpp's init): L12 D768 H12 G4 F2048 V2048, context 4096 (--quick: L4, 1024).
+// Prefill tokens/s with each attention stage, and decode tokens/s, on the GPU and with gpt.cpp on the CPU. Decode is
+// memory-bound: each token reads every weight once plus the KV cache so far, so its speed limit is the measured copy
+// bandwidth over those bytes, and the table gives the share of that limit reached. GPU prefill logits are compared
+// with the CPU's before anything is timed.
+
+struct ModelBenchRow {
+    std::string engine, phase;
+    double tokens_per_s = 0.0, bytes_per_token = 0.0, limit_share = 0.0;  // 0: not a memory-bound row
+};
+
+struct ModelBench {
+    ModelConfig config;
+    double copy_gbps = 0.0, max_logit_error = 0.0;
+    int greedy_agree = 0, greedy_steps = 0;
+    std::vector<ModelBenchRow> rows;
+};
+
+// Device-to-device copy of 1 GiB, bytes read plus bytes written per second (the median of 10).
+double measured_copy_gbps() {
+    constexpr size_t bytes = size_t(1) << 30;
+    DeviceBuffer<char> from(bytes), to(bytes);
+    CUDA_CHECK(cudaMemset(from.data, 1, bytes));
+    std::vector<double> seconds;
+    for (int run = 0; run < 11; ++run) {
+        CUDA_CHECK(cudaDeviceSynchronize());
+        Timer timer;
+        CUDA_CHECK(cudaMemcpy(to.data, from.data, bytes, cudaMemcpyDeviceToDevice));
+        CUDA_CHECK(cudaDeviceSynchronize());
+        if (run > 0) seconds.push_back(timer.seconds());
+    }
+    std::sort(seconds.begin(), seconds.end());
+    return 2.0 * bytes / (0.5 * (seconds[4] + seconds[5])) * 1e-9;
+}
+
+// Bytes a decode step reads with `length` positions in the cache: every weight (the embedding only when tied, as the
+// output layer) and the keys and values of length + 1 positions.
+double decode_bytes(const ModelConfig& c, const int length) {
+    const double weights = 4.0 * (double(c.n_layers) * layer_parameters(c) + c.dim + double(c.vocab_size) * c.dim);
+    return weights + double(kv_cache_bytes_per_token(c)) * (length + 1);
+}
+
+int greedy_token(const std::vector<float>& logits) {
+    return int(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+ModelBench run_model_bench(const bool quick) {
+    ModelBench bench;
+    ModelConfig& c = bench.config;
+    c.vocab_size = 2048, c.dim = 768, c.n_heads = 12, c.n_kv_heads = 4, c.ffn_dim = 2048;
+    c.n_layers = quick ? 4 : 12, c.context = quick ? 1024 : 4096;
+    Model model = make_model(c);
+    init_model(model, 1);
+    Rng rng(5);
+    std::vector<int> tokens(c.context);
+    for (int& token : tokens) token = int(rng.below(c.vocab_size));
+    bench.copy_gbps = measured_copy_gbps();
+    GpuModel gpu = upload_model(model, "6", c.context);
+    constexpr int decode_steps = 64, cpu_decode_steps = 16;
+    const int long_prompt = c.context - decode_steps - 1;
+    const auto log = [](const ModelBenchRow& row) {
+        std::fprintf(stderr, "model  %-4s %-44s %10.1f tokens/s\n", row.engine.c_str(), row.phase.c_str(),
+                     row.tokens_per_s);
+    };
+    // The check: the CPU's prefill of the long prompt and 16 greedy steps, against the GPU's.
+    const std::span<const int> prompt(tokens.data(), long_prompt);
+    Timer cpu_prefill_timer;
+    InferenceState cpu_state = prefill(model, prompt);
+    const double cpu_prefill_seconds = cpu_prefill_timer.seconds();
+    GpuInferenceState gpu_state = prefill(gpu, prompt);
+    for (int v = 0; v < c.vocab_size; ++v)
+        bench.max_logit_error =
+            std::max(bench.max_logit_error, std::fabs(double(gpu_state.logits[v]) - cpu_state.logits[v]));
+    Timer cpu_decode_timer;
+    for (int step = 0; step < cpu_decode_steps; ++step) {
+        const int cpu_token = greedy_token(cpu_state.logits), gpu_token = greedy_token(gpu_state.logits);
+        bench.greedy_agree += cpu_token == gpu_token, ++bench.greedy_steps;
+        decode_step(model, cpu_state, cpu_token);
+        decode_step(gpu, gpu_state, cpu_token);
+    }
+    const double cpu_decode_seconds = cpu_decode_timer.seconds();
+    // GPU prefill of the whole context with each many-row attention stage (the median of 3 after a warm-up).
+    for (const char* id : {"2", "3b", "4", "5", "6"}) {
+        gpu.attention_stage = &find_stage(id);
+        std::vector<double> seconds;
+        for (int run = 0; run < 4; ++run) {
+            Timer timer;
+            prefill(gpu, tokens);
+            if (run > 0) seconds.push_back(timer.seconds());
+        }
+        std::sort(seconds.begin(), seconds.end());
+        bench.rows.push_back({"GPU", "prefill " + std::to_string(c.context) + " tokens, stage " + id,
+                              c.context / seconds[1]});
+        log(bench.rows.back());
+    }
+    bench.rows.push_back({"CPU", "prefill " + std::to_string(long_prompt) + " tokens", long_prompt / cpu_prefill_seconds});
+    log(bench.rows.back());
+    // GPU decode: greedy steps after a prompt of 1 token and after the long prompt (the cache nearly full).
+    for (const int prompt_length : {1, long_prompt}) {
+        GpuInferenceState state = prefill(gpu, std::span<const int>(tokens.data(), prompt_length));
+        decode_step(gpu, state, greedy_token(state.logits));  // captures the graph
+        double bytes = 0.0;
+        Timer timer;
+        for (int step = 0; step < decode_steps; ++step) {
+            bytes += decode_bytes(c, state.cache.length);
+            decode_step(gpu, state, greedy_token(state.logits));
+        }
+        const double seconds = timer.seconds();
+        ModelBenchRow row{"GPU", "decode at positions " + std::to_string(prompt_length + 1) + "-" +
+                                     std::to_string(prompt_length + decode_steps),
+                          decode_steps / seconds, bytes / decode_steps};
+        row.limit_share = bytes / seconds * 1e-9 / bench.copy_gbps;
+        bench.rows.push_back(row);
+        log(row);
+    }
+    ModelBenchRow cpu_row{"CPU", "decode at positions " + std::to_string(long_prompt + 1) + "-" +
+                                     std::to_string(long_prompt + cpu_decode_steps),
+                          cpu_decode_steps / cpu_decode_seconds, decode_bytes(c, long_prompt + cpu_decode_steps / 2)};
+    bench.rows.push_back(cpu_row);
+    log(cpu_row);
+    return bench;
+}
+
+std::string model_bench_markdown(const ModelBench& bench, const DevicePeaks& peaks) {
+    std::string md = "\nGPU model: " + describe_model(bench.config) + ", random weights, fp32, batch 1, on " +
+                     peaks.name + ", " + today() + ". Decode bandwidth limit: measured copy bandwidth " +
+                     format("%.0f", bench.copy_gbps) +
+                     " GB/s (bytes read + written) / bytes read per token (every weight + the KV cache so far). "
+                     "Check before timing: GPU prefill logits vs the CPU's, max |error| " +
+                     format("%.1e", bench.max_logit_error) + "; greedy tokens equal in " +
+                     std::to_string(bench.greedy_agree) + " of " + std::to_string(bench.greedy_steps) + " steps.\n\n";
+    md += "| engine | phase | tokens/s | ms/token | MB read/token | % of bandwidth limit |\n|---|---|---:|---:|---:|---:|\n";
+    for (const ModelBenchRow& row : bench.rows)
+        md += "| " + row.engine + " | " + row.phase + " | " + format("%.1f", row.tokens_per_s) + " | " +
+              format("%.3f", 1e3 / row.tokens_per_s) + " | " +
+              (row.bytes_per_token > 0 ? format("%.0f", row.bytes_per_token * 1e-6) : std::string("-")) + " | " +
+              (row.limit_share > 0 ? format("%.0f%%", 100.0 * row.limit_share) : std::string("-")) + " |\n";
+    return md;
+}
+
+// The command line reuses gpt.cpp's flag tables (Command, FlagSpec), parser (parse_flags) and UsageError. eval and
+// sample take ./gpt's own flags for them (less --threads: the work is on the GPU), plus --stage.
+Command gpu_model_command(const std::string& name) {
+    const std::vector<Command> cpu_commands = commands();
+    Command command =
+        *std::find_if(cpu_commands.begin(), cpu_commands.end(), [&](const Command& c) { return c.name == name; });
+    std::erase_if(command.flags, [](const FlagSpec& flag) { return flag.name == "--threads"; });
+    command.summary += ", on the GPU";
+    command.flags.push_back(
+        {"--stage", "6", "attention stage for many positions (prompt, eval windows): 2, 3b, 4, 5 or 6; decode uses 7"});
+    return command;
+}
+
 std::vector<Command> cuda_commands() {
     return {
+        gpu_model_command("eval"),
+        gpu_model_command("sample"),
         {"run",
          "run one stage on random inputs, check it against gpt.cpp's attention, time it",
-         {{"--stage", "", "stage id: 0a 0b 0c 1a 1b 1c 1d 2 3a 3b 4 5 6 (required)"},
+         {{"--stage", "", "stage id: 0a 0b 0c 1a 1b 1c 1d 2 3a 3b 4 5 6 7 (required)"},
           {"--batch", "1", "B, sequences"},
           {"--heads", "4", "H, query heads"},
           {"--kv-heads", "", "G, key/value heads, dividing H (default H)"},
@@ -1865,15 +2731,16 @@ std::vector<Command> cuda_commands() {
          "every stage on the standard shapes; writes cuda_bench.md, .svg and .json",
          {{"--json", "", "print the table as JSON instead of Markdown", true},
           {"--out", "out", "folder for cuda_bench.md, cuda_bench.svg and cuda_bench.json"},
-          {"--stages", "", "only these stage ids, comma-separated, e.g. 5,6 (default all)"},
-          {"--quick", "", "smaller shapes: the first attention shape only, matmul at 2048^3", true}}},
+          {"--stages", "", "only these stage ids, comma-separated, e.g. 5,6; 'model' is the GPU model (default all)"},
+          {"--quick", "", "smaller shapes: the first attention shape only, matmul at 2048^3, model L4 T1024", true}}},
         {"stages", "list the stages", {}},
     };
 }
 
 std::string cuda_usage() {
     std::string text =
-        "usage: ./gpt_cuda command [flags]   attention on the GPU, stage by stage, checked against gpt.cpp\n"
+        "usage: ./gpt_cuda command [flags]   attention on the GPU, stage by stage, checked against gpt.cpp; and the\n"
+        "whole model of a gpt.cpp checkpoint on the GPU (eval, sample)\n"
         "Stage 0 and 3a work on the score matrix [B*H*Nq, Nk]; stages 1a-1c on B*H products [Nq, Nk] x [Nk, hd],\n"
         "1d on [Nq, hd] x [Nk, hd]^T; stages 2-6 on Q [B, H, Nq, hd], K and V [B, G, Nk, hd].\n";
     for (const Command& command : cuda_commands()) {
@@ -1933,14 +2800,21 @@ int cmd_cuda_bench(const Flags& flags, const std::vector<std::string>& args) {
     BenchOptions options;
     options.json = flags.has("--json"), options.quick = flags.has("--quick"), options.out_dir = flags.text("--out");
     std::stringstream list(flags.text("--stages"));
-    for (std::string id; std::getline(list, id, ',');) options.only.insert(find_stage(id).id);
+    if (flags.has("--stages")) options.model = false;
+    for (std::string id; std::getline(list, id, ',');)
+        if (id == "model")
+            options.model = true, options.only.insert(id);
+        else
+            options.only.insert(find_stage(id).id);
     check(cuda_device_available(), "no CUDA device found");
     set_thread_count(int(std::max(1u, std::thread::hardware_concurrency())));  // for the CPU reference
     const DevicePeaks peaks = device_peaks();
     std::string command = "./gpt_cuda bench";
     for (const std::string& arg : args) command += " " + arg;
     const std::vector<CudaBenchRow> rows = run_bench(options, peaks);
-    const std::string markdown = bench_markdown(rows, peaks, command), json = bench_json(rows, peaks);
+    std::string markdown = bench_markdown(rows, peaks, command);
+    const std::string json = bench_json(rows, peaks);
+    if (options.model) markdown += model_bench_markdown(run_model_bench(options.quick), peaks);
     std::filesystem::create_directories(options.out_dir);
     write_file_atomically(options.out_dir + "/cuda_bench.md", markdown);
     write_file_atomically(options.out_dir + "/cuda_bench.svg", bench_svg(rows, peaks));
@@ -1948,6 +2822,38 @@ int cmd_cuda_bench(const Flags& flags, const std::vector<std::string>& args) {
     std::fputs(options.json ? json.c_str() : markdown.c_str(), stdout);
     for (const CudaBenchRow& row : rows)
         if (!row.result.passed) return 1;
+    return 0;
+}
+
+// The GPU model is dense for now: a Mixture-of-Experts checkpoint gets a clear refusal.
+Checkpoint load_dense_checkpoint(const std::string& path) {
+    Checkpoint checkpoint = load_checkpoint(path);
+    const Json config = parse_json_in(checkpoint.metadata.at("config"), "checkpoint '" + path + "': config");
+    const Json* experts = config.find("n_routed_experts");
+    check(!experts || json_number(experts, "n_routed_experts") == 0,
+          "checkpoint '" + path + "': Mixture-of-Experts models are not supported on the GPU yet");
+    return checkpoint;
+}
+
+// Evaluation runs up to eval_rows positions (windows side by side) per forward pass.
+constexpr int eval_rows = 4096;
+
+int cmd_cuda_eval(const Flags& flags) {
+    check(cuda_device_available(), "no CUDA device found");
+    const Checkpoint checkpoint = load_dense_checkpoint(flags.text("--model"));
+    const std::vector<int> stream = eval_stream(flags, checkpoint.tokenizer);
+    GpuModel gpu = upload_model(checkpoint.model, flags.text("--stage"),
+                                std::max(checkpoint.model.config.context, eval_rows));
+    print_eval_result(flags, evaluate(gpu, stream));
+    return 0;
+}
+
+int cmd_cuda_sample(const Flags& flags) {
+    const SampleConfig config = sample_config_from_flags(flags);
+    check(cuda_device_available(), "no CUDA device found");
+    const Checkpoint checkpoint = load_dense_checkpoint(flags.text("--model"));
+    GpuModel gpu = upload_model(checkpoint.model, flags.text("--stage"), checkpoint.model.config.context);
+    print_samples(gpu, checkpoint.tokenizer, config);
     return 0;
 }
 
@@ -1969,6 +2875,8 @@ int run_cuda_command_line(const std::vector<std::string>& args) {
     if (command == commands.end()) throw UsageError("unknown command '" + args[0] + "'");
     const std::vector<std::string> rest(args.begin() + 1, args.end());
     const Flags flags = parse_flags(*command, rest);
+    if (command->name == "eval") return cmd_cuda_eval(flags);
+    if (command->name == "sample") return cmd_cuda_sample(flags);
     if (command->name == "run") return cmd_cuda_run(flags);
     if (command->name == "bench") return cmd_cuda_bench(flags, rest);
     return cmd_cuda_stages();

@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
 """Independent float64 PyTorch reference for gpt.cpp, written from DESIGN.md (§1-§4, §6) only.
 
-  torch_reference.py eval --model M --data F [--split all|train|val]   -> JSON {loss, perplexity, tokens}
+  torch_reference.py eval --model M --data F [--split all|train|val]   -> JSON {loss, perplexity, tokens, ...}
   torch_reference.py compare --gpt BIN --model M --data F              -> table; exit 1 on a mismatch
-  torch_reference.py train-check --gpt BIN --data F                    -> checks one AdamW step at a time
+  torch_reference.py train-check --gpt BIN --data F [--configs LIST]   -> checks one AdamW step at a time
+  torch_reference.py self-test                                         -> checks this file's own MoE and gradients
+
+Dense models and the Mixture-of-Experts feed-forward of §3 (DeepSeek-V3 style, sigmoid or softmax scoring).
+The MoE is computed the plain way: every expert runs on every token and its output is weighted by a gate that
+is zero for the experts a token did not choose. That costs E/K times the FLOPs of a dispatching engine, which
+is the point: it shares no gather/scatter logic with the engine it checks.
 """
 import argparse, json, math, os, re, shutil, struct, subprocess, sys, tempfile
 import torch
@@ -11,17 +17,27 @@ import torch.nn.functional as F
 
 CONFIG_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings"]
+MOE_KEYS = ["n_routed_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size", "scoring_func",
+            "first_k_dense_replace"]
+BIAS = "mlp.gate.e_score_correction_bias"  # §3's b: chooses experts, gets no gradient, no weight decay
 
 
 def fail(msg):
     sys.exit(f"torch_reference: {msg}")
 
 
+def is_moe_layer(c, l):
+    """§6: with n_routed_experts > 0, layers l >= first_k_dense_replace are MoE; the first k stay dense."""
+    return c.get("n_routed_experts", 0) > 0 and l >= c["first_k_dense_replace"]
+
+
 def expected_shapes(c):
-    """§6: every model tensor name with its shape, from the config (dense models: gpt.cpp has no MoE yet)."""
+    """§6: every model tensor name with its shape, from the config."""
     V, D, L = c["vocab_size"], c["hidden_size"], c["num_hidden_layers"]
     H, G, Fd = c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
     hd = D // H
+    swiglu_shapes = lambda p, f: {f"{p}.gate_proj.weight": [f, D], f"{p}.up_proj.weight": [f, D],
+                                  f"{p}.down_proj.weight": [D, f]}
     out = {"model.embed_tokens.weight": [V, D], "model.norm.weight": [D]}
     if not c["tie_word_embeddings"]:
         out["lm_head.weight"] = [V, D]
@@ -29,10 +45,32 @@ def expected_shapes(c):
         p = f"model.layers.{l}"
         out.update({f"{p}.input_layernorm.weight": [D], f"{p}.post_attention_layernorm.weight": [D],
                     f"{p}.self_attn.q_proj.weight": [H * hd, D], f"{p}.self_attn.k_proj.weight": [G * hd, D],
-                    f"{p}.self_attn.v_proj.weight": [G * hd, D], f"{p}.self_attn.o_proj.weight": [D, H * hd],
-                    f"{p}.mlp.gate_proj.weight": [Fd, D], f"{p}.mlp.up_proj.weight": [Fd, D],
-                    f"{p}.mlp.down_proj.weight": [D, Fd]})
+                    f"{p}.self_attn.v_proj.weight": [G * hd, D], f"{p}.self_attn.o_proj.weight": [D, H * hd]})
+        if not is_moe_layer(c, l):
+            out.update(swiglu_shapes(f"{p}.mlp", Fd))
+            continue
+        E, S, Fe = c["n_routed_experts"], c["n_shared_experts"], c["moe_intermediate_size"]
+        out.update({f"{p}.mlp.gate.weight": [E, D], f"{p}.{BIAS}": [E]})
+        for e in range(E):
+            out.update(swiglu_shapes(f"{p}.mlp.experts.{e}", Fe))
+        if S > 0:
+            out.update(swiglu_shapes(f"{p}.mlp.shared_experts", S * Fe))
     return out
+
+
+def check_config(cfg):
+    """§6 config keys: the dense ten, plus the six MoE keys (all six or none). Fails on values §3 cannot mean."""
+    if sorted(cfg) not in (sorted(CONFIG_KEYS), sorted(CONFIG_KEYS + MOE_KEYS)):
+        fail(f"config keys {sorted(cfg)} are neither the dense keys {CONFIG_KEYS} nor those plus {MOE_KEYS}")
+    if "n_routed_experts" not in cfg:
+        return
+    E, K, S = cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["n_shared_experts"]
+    Fe, k, L = cfg["moe_intermediate_size"], cfg["first_k_dense_replace"], cfg["num_hidden_layers"]
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (E, K, S, Fe, k))
+    if not ints or E < 0 or S < 0 or not 0 <= k <= L or cfg["scoring_func"] not in ("sigmoid", "softmax"):
+        fail(f"bad MoE config E={E} K={K} S={S} Fe={Fe} first_k_dense_replace={k} scoring={cfg['scoring_func']!r}")
+    if E > 0 and not (1 <= K <= E and Fe > 0):
+        fail(f"bad MoE config: needs 1 <= K <= E and Fe > 0, got E={E} K={K} Fe={Fe}")
 
 
 def load_checkpoint(path):
@@ -51,8 +89,7 @@ def load_checkpoint(path):
     if meta.get("format") != "gpt.cpp":
         fail(f"metadata format is {meta.get('format')!r}, not 'gpt.cpp'")
     cfg, tok = json.loads(meta["config"]), json.loads(meta["tokenizer"])
-    if sorted(cfg) != sorted(CONFIG_KEYS):
-        fail(f"config keys {sorted(cfg)} != {sorted(CONFIG_KEYS)} (MoE configs are not supported here)")
+    check_config(cfg)
     if tok.get("type") == "bpe":
         merges = [tuple(m) for m in tok["merges"]]
         for r, (a, b) in enumerate(merges):
@@ -75,6 +112,10 @@ def load_checkpoint(path):
     opt = {f"optimizer.{k}.{name}": s for name, s in shapes.items() for k in ("exp_avg", "exp_avg_sq")}
     has_opt = any(k.startswith("optimizer.") for k in header)
     want = {**shapes, **(opt if has_opt else {})}
+    # The router bias has no gradient, so an engine may or may not keep (all-zero) AdamW moments for it.
+    bias_opt = {n for n in want if n.startswith("optimizer.") and n.endswith(BIAS)}
+    if bias_opt and not bias_opt & set(header):
+        want = {n: s for n, s in want.items() if n not in bias_opt}
     if set(header) != set(want):
         fail(f"tensor names differ: missing {sorted(set(want) - set(header))[:5]}, "
              f"unexpected {sorted(set(header) - set(want))[:5]}")
@@ -168,14 +209,67 @@ def rope(x, theta):
 
 
 def swiglu(W, p, x):
+    """§3 SwiGLU: W_down (silu(W_gate x) * (W_up x)), for the dense MLP, every expert and the shared expert."""
     return (F.silu(x @ W[f"{p}.gate_proj.weight"].T) * (x @ W[f"{p}.up_proj.weight"].T)) @ W[f"{p}.down_proj.weight"].T
 
 
-def forward(W, c, tokens):
-    """§3 on a batch of windows [B, T] -> logits [B, T, V], float64."""
+def route(c, r, b):
+    """§3 router on logits r [N, E] with bias b [E]. Returns (gates [N, E], chosen [N, E] bool, scores [N, E], margin).
+
+    sigmoid: s = sigmoid(r); the K largest s + b are chosen (b only chooses: it is detached and never enters a gate).
+    softmax: s = softmax(r); the K largest s are chosen.
+    Both: g_e = s_e / sum_{chosen} s_e' on the chosen experts, 0 elsewhere. The choice is a constant of the
+    backward pass; gradients reach the router through the gate values only.
+    Ties: a stable descending sort, so between equal choice scores the lower expert index wins.
+    margin: the smallest gap, over all tokens, between the K-th and (K+1)-th choice score (inf when K = E);
+    a choice closer than float32 rounding may legitimately differ in a float32 engine.
+    """
+    K, E = c["num_experts_per_tok"], c["n_routed_experts"]
+    if c["scoring_func"] == "sigmoid":
+        s = torch.sigmoid(r)
+        key = s.detach() + b.detach()
+    else:
+        s = torch.softmax(r, -1)
+        key = s.detach()
+    ranked, order = torch.sort(key, dim=-1, descending=True, stable=True)
+    chosen = torch.zeros(key.shape, dtype=torch.bool).scatter_(1, order[:, :K], True)
+    picked = s * chosen
+    gates = picked / picked.sum(-1, keepdim=True)
+    margin = (ranked[:, K - 1] - ranked[:, K]).min().item() if K < E and len(key) else math.inf
+    return gates, chosen, s, margin
+
+
+def moe(W, c, p, x, stats):
+    """§3 MoE on x [N, D]: y = shared(x) + sum_e g_e expert_e(x), every expert on every token (g_e = 0 if not chosen).
+
+    Appends this layer's routing statistics to stats: counts c_e (a token counts once for each of its K experts),
+    the sum over tokens of the scores s_e (softmax scoring: P_e = that / N), N and the choice margin.
+    """
+    r = x @ W[f"{p}.gate.weight"].T
+    gates, chosen, s, margin = route(c, r, W[f"{p}.gate.e_score_correction_bias"])
+    y = sum(gates[:, e:e + 1] * swiglu(W, f"{p}.experts.{e}", x) for e in range(c["n_routed_experts"]))
+    if c["n_shared_experts"] > 0:
+        y = y + swiglu(W, f"{p}.shared_experts", x)
+    stats.append({"counts": chosen.sum(0).double(), "score_sum": s.sum(0), "tokens": len(x), "margin": margin})
+    return y
+
+
+def aux_loss(c, layer_stats, alpha):
+    """§3 softmax-scoring balance loss of one MoE layer over one batch of N tokens: alpha * E * sum_e f_e P_e,
+    f_e = c_e / (N K) (the fraction of the N*K assignments that went to e; a count, no gradient),
+    P_e = mean over the N tokens of p_e = softmax(r)_e (differentiable). It is alpha for a uniform router."""
+    E, K, N = c["n_routed_experts"], c["num_experts_per_tok"], layer_stats["tokens"]
+    f = layer_stats["counts"] / (N * K)
+    return alpha * E * (f * layer_stats["score_sum"] / N).sum()
+
+
+def forward(W, c, tokens, stats=None):
+    """§3 on a batch of windows [B, T] -> logits [B, T, V], float64. MoE layers append their routing statistics
+    (see moe()) to stats, in layer order, over all B*T tokens of the batch."""
     B, T = tokens.shape
     D, H, G, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
     hd = D // H
+    stats = [] if stats is None else stats
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     x = W["model.embed_tokens.weight"][tokens]
     for l in range(c["num_hidden_layers"]):
@@ -189,12 +283,34 @@ def forward(W, c, tokens):
         s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         o = torch.softmax(s.masked_fill(~mask, -math.inf), -1) @ v
         x = x + o.transpose(1, 2).reshape(B, T, H * hd) @ W[f"{p}.self_attn.o_proj.weight"].T
-        x = x + swiglu(W, f"{p}.mlp", rms_norm(x, W[f"{p}.post_attention_layernorm.weight"], eps))
+        h = rms_norm(x, W[f"{p}.post_attention_layernorm.weight"], eps)
+        if is_moe_layer(c, l):
+            x = x + moe(W, c, f"{p}.mlp", h.reshape(B * T, D), stats).view(B, T, D)
+        else:
+            x = x + swiglu(W, f"{p}.mlp", h)
     head = W["model.embed_tokens.weight" if c["tie_word_embeddings"] else "lm_head.weight"]
     return rms_norm(x, W["model.norm.weight"], eps) @ head.T
 
 
+def training_loss(W, c, inputs, targets, alpha):
+    """§3 Loss of one training batch: mean cross-entropy over all B*T targets, plus (softmax scoring) the
+    auxiliary loss of every MoE layer over the batch's B*T tokens. Returns (loss, cross-entropy, stats)."""
+    stats = []
+    logits = forward(W, c, inputs, stats)
+    ce = F.cross_entropy(logits.reshape(-1, c["vocab_size"]), targets.reshape(-1))
+    loss = ce
+    if c.get("n_routed_experts", 0) > 0 and c["scoring_func"] == "softmax":
+        loss = ce + sum(aux_loss(c, st, alpha) for st in stats)
+    return loss, ce, stats
+
+
+def moe_layers(c):
+    return [l for l in range(c["num_hidden_layers"]) if is_moe_layer(c, l)]
+
+
 def evaluate(model, data, split):
+    """§1 evaluation: the mean cross-entropy of the windows, nothing else (the auxiliary loss is a training term,
+    §3 "added to the training loss"). For MoE models also each layer's expert load over the evaluated tokens."""
     tensors, meta = load_checkpoint(model)
     c = meta["config"]
     W = {k: v.double() for k, v in tensors.items() if not k.startswith("optimizer.")}
@@ -202,20 +318,38 @@ def evaluate(model, data, split):
     T, n = c["max_position_embeddings"], len(s)
     full = (n - 1) // T  # windows with T targets; the rest (if any) is one shorter window
     total = torch.zeros((), dtype=torch.float64)
+    layers = moe_layers(c)
+    counts = [torch.zeros(c["n_routed_experts"], dtype=torch.float64) for _ in layers]
+    margin = math.inf
+
+    def run(x, y):
+        nonlocal total, margin
+        stats = []
+        total += F.cross_entropy(forward(W, c, x, stats).reshape(-1, c["vocab_size"]), y.reshape(-1), reduction="sum")
+        for i, st in enumerate(stats):
+            counts[i] += st["counts"]
+            margin = min(margin, st["margin"])
+
     with torch.no_grad():
         for j in range(0, full, 256):
             j2 = min(full, j + 256)
-            x, y = s[j * T:j2 * T].view(-1, T), s[j * T + 1:j2 * T + 1].view(-1, T)
-            total += F.cross_entropy(forward(W, c, x).reshape(-1, c["vocab_size"]), y.reshape(-1), reduction="sum")
+            run(s[j * T:j2 * T].view(-1, T), s[j * T + 1:j2 * T + 1].view(-1, T))
         if full * T < n - 1:
-            x, y = s[full * T:n - 1][None], s[full * T + 1:n][None]
-            total += F.cross_entropy(forward(W, c, x)[0], y[0], reduction="sum")
+            run(s[full * T:n - 1][None], s[full * T + 1:n][None])
     loss = total.item() / (n - 1)
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": n - 1}
+    out = {"loss": loss, "perplexity": math.exp(loss), "tokens": n - 1}
+    if layers:
+        out["expert_load"] = {str(l): {"share": (cn / cn.sum()).tolist(), "imbalance": (cn.max() / cn.mean()).item()}
+                              for l, cn in zip(layers, counts)}
+        out["choice_margin"] = margin
+    return out
 
 
 def compare(args):
-    bad, rows = False, []
+    """gpt eval against evaluate() on every split: loss and perplexity to 1e-4 relative, token counts equal.
+    For MoE models also the reference's per-layer expert load (printed; gpt's is compared when its JSON has an
+    "expert_load" entry of the same form) and the smallest choice margin (a near-tie may route differently)."""
+    bad, rows, loads = False, [], []
     for split in ("all", "train", "val"):
         out = subprocess.run([args.gpt, "eval", "--model", args.model, "--data", args.data, "--split", split, "--json"],
                              check=True, capture_output=True, text=True).stdout
@@ -227,8 +361,21 @@ def compare(args):
             bad |= not ok
             verdict = "ok" if ok else "FAIL"
             rows.append(f"| {split:5} | {key:10} | {g[key]:.9g} | {r[key]:.9g} | {rel:.2e} | {verdict} |")
+        for l, ld in r.get("expert_load", {}).items():
+            theirs = g.get("expert_load", {}).get(l)
+            diff = max(abs(a - b) for a, b in zip(theirs["share"], ld["share"])) if theirs else None
+            # A share is a count / (N K): one token routed differently moves it by 1 / (N K).
+            ok = diff is None or diff <= 2.0 / r["tokens"]
+            bad |= not ok
+            loads.append(f"| {split:5} | {l} | {' '.join(f'{x:.4f}' for x in ld['share'])} | {ld['imbalance']:.4f} | "
+                         f"{r['choice_margin']:.1e} | " + ("not in gpt's JSON" if diff is None else f"{diff:.1e}") +
+                         f" | {'ok' if ok else 'FAIL'} |")
     print("| split | quantity   | gpt | torch float64 | rel diff | |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if loads:
+        print("\n| split | MoE layer | share of assignments per expert (torch) | max/mean | smallest choice margin | "
+              "max share diff vs gpt | |\n|---|---|---|---|---|---|---|")
+        print("\n".join(loads))
     sys.exit(1 if bad else 0)
 
 
@@ -241,79 +388,377 @@ def schedule(s, N, lr, warmup):
     return 0.1 * lr + 0.9 * lr * (1 + math.cos(math.pi * (s - warmup) / (N - 1 - warmup))) / 2
 
 
-def check_step(path_a, path_b):
-    """Checks that checkpoint b is one §4 AdamW step after checkpoint a. Returns the max errors."""
-    (A, ma), (B, mb) = load_checkpoint(path_a), load_checkpoint(path_b)
-    sa, sb = json.loads(ma["train_state"]), json.loads(mb["train_state"])
-    k = sa["step"]
-    assert sb["step"] == k + 1, (sa["step"], sb["step"])
-    lr = schedule(k, sa["steps"], sa["lr"], sa["warmup"])
-    t, wd, b1, b2, eps = k + 1, 0.1, 0.9, 0.95, 1e-8
-    names = [n for n in A if not n.startswith("optimizer.")]
+B1, B2, ADAM_EPS, WD = 0.9, 0.95, 1e-8, 0.1
+
+
+def adam_direction(m, v, t):
+    """§4 AdamW's bias-corrected step direction m_hat / (sqrt(v_hat) + eps) at 1-based step t."""
+    return (m / (1 - B1 ** t)) / ((v / (1 - B2 ** t)).sqrt() + ADAM_EPS)
+
+
+def check_adam(A, B, k, lr):
+    """Checks that the weights and moments in B are one §4 AdamW step (0-based step k, rate lr) after those in A,
+    for every tensor but the router bias. A's moments may be absent (then they are zero: k = 0).
+    Returns (errors, recovered clipped gradients {name: g}, their float32 uncertainty {name: bound})."""
+    t = k + 1
     d = lambda T, n: T[n].double()
-    err_v = err_w = err_raw = sq = num = den = 0.0
+    names = [n for n in B if not n.startswith("optimizer.") and not n.endswith(BIAS)]
+    err_v = err_w = err_raw = num = den = 0.0
+    grads, noise = {}, {}
     for n in names:
-        m0, m1 = d(A, "optimizer.exp_avg." + n), d(B, "optimizer.exp_avg." + n)
-        v0, v1 = d(A, "optimizer.exp_avg_sq." + n), d(B, "optimizer.exp_avg_sq." + n)
-        g = (m1 - b1 * m0) / (1 - b1)  # the clipped gradient of step k
-        sq += (g * g).sum().item()
-        err_v = max(err_v, ((b2 * v0 + (1 - b2) * g * g - v1).abs() / v1.abs().clamp_min(1e-30)).max().item())
-        step = (m1 / (1 - b1 ** t)) / ((v1 / (1 - b2 ** t)).sqrt() + eps)
-        if A[n].dim() >= 2:
-            step = step + wd * d(A, n)  # decoupled decay, matrices only
+        m0 = d(A, "optimizer.exp_avg." + n) if "optimizer.exp_avg." + n in A else torch.zeros_like(d(B, n))
+        v0 = d(A, "optimizer.exp_avg_sq." + n) if "optimizer.exp_avg_sq." + n in A else torch.zeros_like(d(B, n))
+        m1, v1 = d(B, "optimizer.exp_avg." + n), d(B, "optimizer.exp_avg_sq." + n)
+        g = (m1 - B1 * m0) / (1 - B1)  # the clipped gradient of step k
+        grads[n] = g
+        noise[n] = 2.0 ** -23 * (m1.abs() + B1 * m0.abs()) / (1 - B1)  # float32 rounding of m0 and m1, amplified
+        err_v = max(err_v, ((B2 * v0 + (1 - B2) * g * g - v1).abs() / v1.abs().clamp_min(1e-30)).max().item())
+        step = adam_direction(m1, v1, t)
+        if B[n].dim() >= 2:
+            step = step + WD * d(A, n)  # decoupled decay, matrices only
         dw = d(B, n) - d(A, n)
         # W is float32: allow 1e-4 of the step plus one float32 ulp of W (it dominates on norm weights ~1).
         tol = 1e-4 * lr + 2.0 ** -23 * torch.maximum(d(A, n).abs(), d(B, n).abs())
         err_w = max(err_w, ((dw + lr * step).abs() / tol).max().item())
         err_raw = max(err_raw, ((dw + lr * step).abs().max() / lr).item())
         num, den = num - (dw * step).sum().item(), den + (step * step).sum().item()
-    return {"step": k, "lr": lr, "lr_fit": num / den, "grad_norm": math.sqrt(sq), "v_rel_err": err_v,
-            "w_err_over_lr": err_raw, "w_err_over_tol": err_w}
+    grad_norm = math.sqrt(sum((g * g).sum().item() for g in grads.values()))
+    return ({"lr": lr, "lr_fit": num / den, "grad_norm": grad_norm, "v_rel_err": err_v, "w_err_over_lr": err_raw,
+             "w_err_over_tol": err_w}, grads, noise)
+
+
+def check_step(path_a, path_b):
+    """Checks that checkpoint b is one §4 AdamW step after checkpoint a. Returns the max errors."""
+    (A, ma), (B, mb) = load_checkpoint(path_a), load_checkpoint(path_b)
+    sa, sb = json.loads(ma["train_state"]), json.loads(mb["train_state"])
+    k = sa["step"]
+    assert sb["step"] == k + 1, (sa["step"], sb["step"])
+    r = check_adam(A, B, k, schedule(k, sa["steps"], sa["lr"], sa["warmup"]))[0]
+    return dict(r, step=k)
+
+
+def bias_steps(A, B, c, gamma):
+    """Router-bias change from A to B in units of gamma, per MoE layer: §3 allows only -1, 0, +1 (sigmoid scoring;
+    softmax keeps b = 0). Returns the largest distance of any change from the allowed set."""
+    worst = 0.0
+    for l in moe_layers(c):
+        n = f"model.layers.{l}.{BIAS}"
+        delta = (B[n].double() - A[n].double()) / gamma
+        allowed = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) if c["scoring_func"] == "sigmoid" else torch.zeros(1, dtype=torch.float64)
+        worst = max(worst, (delta[:, None] - allowed[None]).abs().min(1).values.max().item())
+        if c["scoring_func"] == "softmax":
+            worst = max(worst, B[n].abs().max().item() / gamma)
+    return worst
+
+
+def reference_step(W32, c, inputs, targets, alpha, gamma):
+    """One §4 training step's gradient and §3 bias update, in float64, on a known batch.
+
+    loss = cross-entropy (+ softmax scoring: sum over MoE layers of the auxiliary loss); gradient by autograd for
+    every tensor but the router bias, which is a constant; the global L2 norm of all those gradients (auxiliary
+    loss included, bias excluded) clips them to norm 1. Sigmoid scoring then sets, per MoE layer,
+    b_e += gamma * sign(mean_c - c_e) with c_e the layer's counts over the whole batch (a token counts once for
+    each of its K experts), computed in this forward pass, before the weights change.
+    Returns (clipped gradients, unclipped norm, new biases {name: b}, smallest choice margin, loss)."""
+    W = {n: v.double().requires_grad_(not n.endswith(BIAS)) for n, v in W32.items() if not n.startswith("optimizer.")}
+    loss, ce, stats = training_loss(W, c, inputs, targets, alpha)
+    names = [n for n in W if not n.endswith(BIAS)]
+    grads = dict(zip(names, torch.autograd.grad(loss, [W[n] for n in names], allow_unused=True)))
+    grads = {n: (g if g is not None else torch.zeros_like(W[n])) for n, g in grads.items()}
+    norm = math.sqrt(sum((g * g).sum().item() for g in grads.values()))
+    if norm > 1.0:
+        grads = {n: g / norm for n, g in grads.items()}
+    biases, margin = {}, math.inf
+    for l, st in zip(moe_layers(c), stats):
+        n = f"model.layers.{l}.{BIAS}"
+        b = W[n].detach().clone()
+        if c["scoring_func"] == "sigmoid":
+            b += gamma * torch.sign(st["counts"].mean() - st["counts"])
+        biases[n] = b
+        margin = min(margin, st["margin"])
+    return grads, norm, biases, margin, loss.item()
+
+
+def init_check(A1, c, lr0):
+    """§4 initialisation, seen through the checkpoint after step 0: W_0 = (W_1 + lr_0 d) / (1 - lr_0 wd) with d the
+    first AdamW direction (m_0 = v_0 = 0). Matrices: mean 0 and std 0.02, or 0.02/sqrt(2L) for the projections
+    into the residual stream (o_proj, every down_proj); norm weights 1. Returns (W_0, worst |z| of the std and the
+    mean over all matrices, worst |norm weight - 1|, whether any two experts of a layer start equal)."""
+    L, W0, z, norm_err, clones = c["num_hidden_layers"], {}, 0.0, 0.0, False
+    for n, w in A1.items():
+        if n.startswith("optimizer."):
+            continue
+        if n.endswith(BIAS):
+            W0[n] = torch.zeros_like(w)  # router bias starts at 0 (§4); step 0's update is checked separately
+            continue
+        direction = adam_direction(A1["optimizer.exp_avg." + n].double(), A1["optimizer.exp_avg_sq." + n].double(), 1)
+        w0 = (w.double() + lr0 * direction) / (1 - lr0 * WD if w.dim() >= 2 else 1.0)
+        W0[n] = w0.float()
+        if w.dim() < 2:
+            norm_err = max(norm_err, (w0 - 1).abs().max().item())
+            continue
+        sigma = 0.02 / math.sqrt(2 * L) if n.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+        m = w0.numel()
+        z = max(z, abs(w0.pow(2).mean().sqrt().item() / sigma - 1) * math.sqrt(2 * m),
+                abs(w0.mean().item()) / (sigma / math.sqrt(m)))
+    for l in moe_layers(c):
+        ws = [W0[f"model.layers.{l}.mlp.experts.{e}.up_proj.weight"] for e in range(c["n_routed_experts"])]
+        clones |= any(torch.equal(ws[i], ws[j]) for i in range(len(ws)) for j in range(i))
+    return W0, z, norm_err, clones
+
+
+# train-check configurations: name -> extra `gpt train` flags (the model shape below is shared by all).
+CONFIGS = {
+    "dense": [],
+    "dense-tied": ["--tie"],
+    "sigmoid-k2-shared": ["--experts", "4", "--top-k-experts", "2", "--shared-experts", "1", "--expert-ffn", "16",
+                          "--scoring", "sigmoid"],
+    "sigmoid-k1-dense1-tied": ["--experts", "4", "--top-k-experts", "1", "--shared-experts", "0", "--expert-ffn", "16",
+                               "--scoring", "sigmoid", "--dense-layers", "1", "--tie"],
+    "sigmoid-k2-s2-gamma0.01": ["--experts", "6", "--top-k-experts", "2", "--shared-experts", "2", "--expert-ffn", "8",
+                                "--scoring", "sigmoid", "--bias-rate", "0.01"],
+    "softmax-k2-shared-dense1": ["--experts", "4", "--top-k-experts", "2", "--shared-experts", "1", "--expert-ffn", "16",
+                                 "--scoring", "softmax", "--dense-layers", "1"],
+    "softmax-k1-tied-alpha0.1": ["--experts", "4", "--top-k-experts", "1", "--shared-experts", "0", "--expert-ffn", "16",
+                                 "--scoring", "softmax", "--tie", "--aux-loss", "0.1"],
+}
+
+
+def flag_value(flags, name, default):
+    return float(flags[flags.index(name) + 1]) if name in flags else default
 
 
 def train_check(args):
+    """Part A, on --data: gpt's own random windows. Each one-step resume must be one §4 AdamW step (the gradient is
+    recovered from the moments, g = (m1 - 0.9 m0) / 0.1), the router bias may move only by -gamma, 0, +gamma, and
+    an uninterrupted run must equal the chain of one-step resumes bitwise.
+    Part B, on a made-up file whose training stream is exactly T+1 tokens: every window a sampler can draw is that
+    one, so the batch is known. Then the recovered gradient of every step is checked against this file's float64
+    autograd (cross-entropy + auxiliary loss, clipped), the router bias against §3's update from this file's
+    counts, and the weights reconstructed before step 0 against §4's initialisation."""
     tmp, notes = tempfile.mkdtemp(prefix="train_check_"), []
-    shape = ["--batch", "4", "--ctx", "16", "--layers", "2", "--dim", "32", "--heads", "4", "--kv-heads", "2",
+    T = 16
+    shape = ["--batch", "4", "--ctx", str(T), "--layers", "2", "--dim", "32", "--heads", "4", "--kv-heads", "2",
              "--ffn", "64", "--eval-every", "1", "--threads", "2"]
     run = lambda *a: subprocess.run([args.gpt, "train", *a], check=True, capture_output=True, text=True)
     bad = False
-    print("| steps/warmup | step k | lr (§4) | lr fitted | clipped grad norm | v rel err | W err / lr | W err / tol |")
-    print("|---|---|---|---|---|---|---|---|")
-    for steps, warmup in ((3, 2), (6, 2)):
-        ck = [os.path.join(tmp, f"s{steps}_{k}.safetensors") for k in range(steps + 1)]
-        schedule_args = ["--data", args.data, "--steps", str(steps), "--warmup", str(warmup), *shape]
-        run(*schedule_args, "--out", ck[1], "--stop-after", "1")
-        T1 = load_checkpoint(ck[1])[0]  # after step 0: m = 0.1 g and v = 0.05 g^2, so v = 5 m^2
-        m, v = (torch.cat([T1[f"optimizer.{x}.{n}"].double().flatten() for n in T1 if not n.startswith("optimizer.")])
-                for x in ("exp_avg", "exp_avg_sq"))
-        first = ((v - 5 * m * m).abs() / v.clamp_min(1e-30)).max().item()
-        bad |= first > 1e-5
-        for k in range(1, steps):
-            run("--resume", ck[k], "--data", args.data, "--stop-after", "1", "--threads", "2", "--out", ck[k + 1])
-            r = check_step(ck[k], ck[k + 1])
-            ok = r["v_rel_err"] < 1e-4 and r["w_err_over_tol"] <= 1 and r["grad_norm"] < 1 + 1e-4
-            bad |= not ok
-            print(f"| {steps}/{warmup} | {k}->{k + 1} | {r['lr']:.6g} | {r['lr_fit']:.6g} | {r['grad_norm']:.6f} | "
-                  f"{r['v_rel_err']:.2e} | {r['w_err_over_lr']:.2e} | {r['w_err_over_tol']:.3f} |"
-                  + ("" if ok else " FAIL"))
-        # An uninterrupted run must end with the same weights as the chain of one-step resumes (§6).
-        full = os.path.join(tmp, f"s{steps}_full.safetensors")
-        run(*schedule_args, "--out", full)
-        Wf, Wc = load_checkpoint(full)[0], load_checkpoint(ck[steps])[0]
-        same = set(Wf) == set(Wc) and all(torch.equal(Wf[n], Wc[n]) for n in Wf)
-        bad |= not same
-        notes.append(f"steps {steps} warmup {warmup}: after step 0, max rel err of v = 5 m^2: {first:.2e}; "
-                     f"uninterrupted run == chain of one-step resumes (all tensors, bitwise): {same}")
+    one_window = os.path.join(tmp, "one_window.txt")
+    with open(one_window, "w") as f:  # [EOT] abcde [EOT] fghij [EOT] klm [EOT] = 17 = T+1 tokens, no validation doc
+        f.write("abcde\nfghij\nklm\n")
+    names = args.configs.split(",")
+    for name in names:
+        if name not in CONFIGS:
+            fail(f"unknown train-check config {name!r}; known: {', '.join(CONFIGS)}")
+    for name in names:
+        extra = CONFIGS[name]
+        gamma, alpha = flag_value(extra, "--bias-rate", 1e-3), flag_value(extra, "--aux-loss", 0.01)
+        print(f"\n### {name}: `gpt train {' '.join(shape + extra)}`\n")
+        print("Part A (--data, gpt's random windows)\n")
+        print("| steps/warmup | step k | lr (§4) | lr fitted | clipped grad norm | v rel err | W err / lr | W err / tol | "
+              "bias moves off {0, ±gamma} |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for steps, warmup in ((3, 2), (6, 2)):
+            ck = [os.path.join(tmp, f"{name}_s{steps}_{k}.safetensors") for k in range(steps + 1)]
+            schedule_args = ["--data", args.data, "--steps", str(steps), "--warmup", str(warmup), *shape, *extra]
+            run(*schedule_args, "--out", ck[1], "--stop-after", "1")
+            T1 = load_checkpoint(ck[1])[0]  # after step 0: m = 0.1 g and v = 0.05 g^2, so v = 5 m^2
+            params = [n for n in T1 if not n.startswith("optimizer.") and not n.endswith(BIAS)]
+            m, v = (torch.cat([T1[f"optimizer.{x}.{n}"].double().flatten() for n in params]) for x in ("exp_avg", "exp_avg_sq"))
+            first = ((v - 5 * m * m).abs() / v.clamp_min(1e-30)).max().item()
+            bad |= first > 1e-5
+            for k in range(1, steps):
+                run("--resume", ck[k], "--data", args.data, "--stop-after", "1", "--threads", "2", "--out", ck[k + 1])
+                r = check_step(ck[k], ck[k + 1])
+                (A, ma), (B, _) = load_checkpoint(ck[k]), load_checkpoint(ck[k + 1])
+                off = bias_steps(A, B, ma["config"], gamma)
+                ok = r["v_rel_err"] < 1e-4 and r["w_err_over_tol"] <= 1 and r["grad_norm"] < 1 + 1e-4 and off < 1e-3
+                bad |= not ok
+                print(f"| {steps}/{warmup} | {k}->{k + 1} | {r['lr']:.6g} | {r['lr_fit']:.6g} | {r['grad_norm']:.6f} | "
+                      f"{r['v_rel_err']:.2e} | {r['w_err_over_lr']:.2e} | {r['w_err_over_tol']:.3f} | {off:.1e} |"
+                      + ("" if ok else " FAIL"))
+            # An uninterrupted run must end with the same weights as the chain of one-step resumes (§6).
+            full = os.path.join(tmp, f"{name}_s{steps}_full.safetensors")
+            run(*schedule_args, "--out", full)
+            Wf, Wc = load_checkpoint(full)[0], load_checkpoint(ck[steps])[0]
+            same = set(Wf) == set(Wc) and all(torch.equal(Wf[n], Wc[n]) for n in Wf)
+            bad |= not same
+            notes.append(f"{name}, steps {steps} warmup {warmup}: after step 0, max rel err of v = 5 m^2: {first:.2e}; "
+                         f"uninterrupted run == chain of one-step resumes (all tensors, bitwise): {same}")
+        bad |= exact_batch_check(args, run, tmp, name, one_window, shape, extra, gamma, alpha, notes)
     print("\n" + "\n".join(notes))
     shutil.rmtree(tmp)
     sys.exit(1 if bad else 0)
 
 
+def exact_batch_check(args, run, tmp, name, data, shape, extra, gamma, alpha, notes):
+    """Part B of train_check (see there). Returns True on a failure."""
+    steps, warmup, bad = 4, 2, False
+    ck = [os.path.join(tmp, f"{name}_w{k}.safetensors") for k in range(steps + 1)]
+    run("--data", data, "--steps", str(steps), "--warmup", str(warmup), *shape, *extra, "--out", ck[1], "--stop-after", "1")
+    for k in range(1, steps):
+        run("--resume", ck[k], "--data", data, "--stop-after", "1", "--threads", "2", "--out", ck[k + 1])
+    A1, meta = load_checkpoint(ck[1])
+    c, tok, st = meta["config"], meta["tokenizer"], json.loads(meta["train_state"])
+    stream = torch.tensor(encode_split(data, tok, "train"))
+    T = c["max_position_embeddings"]
+    assert len(stream) == T + 1, (len(stream), T)
+    inputs, targets = stream[:T].repeat(st["batch"], 1), stream[1:].repeat(st["batch"], 1)
+    W0, z, norm_err, clones = init_check(A1, c, schedule(0, steps, st["lr"], warmup))
+    init_ok = z < 5 and norm_err < 1e-5 and not clones
+    bad |= not init_ok
+    notes.append(f"{name}, init (§4) from the step-0 checkpoint: worst |z| of matrix std/mean {z:.2f} (< 5), "
+                 f"worst |norm weight - 1| {norm_err:.1e}, two experts equal: {clones}" + ("" if init_ok else " FAIL"))
+    print(f"\nPart B (one known window of T = {T}, batch {st['batch']})\n")
+    print("| step k | loss (float64) | grad norm before clip | gpt clipped norm | worst tensor grad rel err | "
+          "W err / tol | router bias err / gamma | choice margin |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in range(steps):
+        A = W0 if k == 0 else load_checkpoint(ck[k])[0]
+        B = load_checkpoint(ck[k + 1])[0]
+        lr = schedule(k, steps, st["lr"], warmup)
+        r, g_gpt, noise = check_adam(A, B, k, lr)
+        g_ref, norm, biases, margin, loss = reference_step(A, c, inputs, targets, alpha, gamma)
+        worst, worst_name, grad_ok = 0.0, "", True
+        for n, g in g_ref.items():
+            err = (g_gpt[n] - g).norm().item()
+            rel = err / max(g.norm().item(), 1e-30)
+            grad_ok &= err <= 1e-3 * g.norm().item() + 2 * noise[n].norm().item() + 1e-12
+            if rel > worst and g.norm().item() > 0:
+                worst, worst_name = rel, n
+            if g.norm().item() == 0 and g_gpt[n].norm().item() > 2 * noise[n].norm().item() + 1e-12:
+                worst, worst_name = math.inf, n
+        b_err = 0.0
+        for n, b in biases.items():
+            tol = (k + 2) * 2.0 ** -23 * max(b.abs().max().item(), gamma)
+            e = (B[n].double() - b).abs().max().item()
+            b_err = max(b_err, e / gamma)
+            grad_ok &= e <= tol
+            for x in ("exp_avg", "exp_avg_sq"):  # moments kept for the bias must stay zero: it has no gradient
+                grad_ok &= f"optimizer.{x}.{n}" not in B or not B[f"optimizer.{x}.{n}"].any().item()
+        ok = grad_ok and r["w_err_over_tol"] <= 1 and r["v_rel_err"] < 1e-4
+        bad |= not ok
+        print(f"| {k}->{k + 1} | {loss:.9f} | {norm:.6f} | {r['grad_norm']:.6f} | {worst:.2e} {worst_name} | "
+              f"{r['w_err_over_tol']:.3f} | {b_err:.1e} | {margin:.1e} |" + ("" if ok else " FAIL"))
+    return bad
+
+
+def tiny_config(scoring, E, K, S, k_dense, tie):
+    return {"vocab_size": 7, "hidden_size": 8, "intermediate_size": 6, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "max_position_embeddings": 5, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": tie, "n_routed_experts": E, "num_experts_per_tok": K, "n_shared_experts": S,
+            "moe_intermediate_size": 4, "scoring_func": scoring, "first_k_dense_replace": k_dense}
+
+
+def random_weights(c, gen):
+    """Weights large enough (std 0.5) that routing and the loss depend visibly on every tensor."""
+    W = {}
+    for n, shape in expected_shapes(c).items():
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        W[n] = 0.3 * x if n.endswith(BIAS) else (1 + 0.1 * x if len(shape) == 1 else 0.5 * x)
+    return W
+
+
+def moe_loop(W, c, p, x):
+    """§3 MoE once more, token by token with Python lists: a second formulation to check moe() against."""
+    E, K = c["n_routed_experts"], c["num_experts_per_tok"]
+    out = []
+    for t in range(len(x)):
+        r = [W[f"{p}.gate.weight"][e] @ x[t] for e in range(E)]
+        if c["scoring_func"] == "sigmoid":
+            s = [1 / (1 + math.exp(-r[e].item())) for e in range(E)]
+            key = [s[e] + W[f"{p}.gate.e_score_correction_bias"][e].item() for e in range(E)]
+        else:
+            z = sum(math.exp(v.item()) for v in r)
+            s = [math.exp(v.item()) / z for v in r]
+            key = s
+        chosen = sorted(range(E), key=lambda e: (-key[e], e))[:K]
+        y = sum(s[e] / sum(s[i] for i in chosen) * swiglu(W, f"{p}.experts.{e}", x[t:t + 1])[0] for e in chosen)
+        if c["n_shared_experts"] > 0:
+            y = y + swiglu(W, f"{p}.shared_experts", x[t:t + 1])[0]
+        out.append(y)
+    return torch.stack(out)
+
+
+def self_test(args):
+    """Checks of this file's MoE against §3, independent of any engine. Exit 1 on a failure."""
+    gen, results = torch.Generator().manual_seed(5), []
+
+    def report(what, value, ok):
+        results.append(ok)
+        print(f"| {what} | {value} | {'ok' if ok else 'FAIL'} |")
+
+    print("| check | value | |\n|---|---|---|")
+    # 1. The masked all-experts MoE equals a token-by-token loop, with a bias that changes some choices.
+    for scoring, K, S in (("sigmoid", 1, 0), ("sigmoid", 2, 1), ("softmax", 1, 1), ("softmax", 2, 0)):
+        c = tiny_config(scoring, 4, K, S, 0, False)
+        W = random_weights(c, gen)
+        x = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+        p = "model.layers.0.mlp"
+        diff = (moe(W, c, p, x, []) - moe_loop(W, c, p, x)).abs().max().item()
+        nobias = dict(W, **{f"{p}.gate.e_score_correction_bias": torch.zeros(4, dtype=torch.float64)})
+        st_b, st_0 = [], []
+        moe(W, c, p, x, st_b), moe(nobias, c, p, x, st_0)
+        moved = not torch.equal(st_b[0]["counts"], st_0[0]["counts"])
+        ok = diff < 1e-12 and (moved if scoring == "sigmoid" else not moved)
+        report(f"moe() == per-token loop, {scoring} K={K} S={S}; the bias changes the choice: {moved}", f"{diff:.1e}", ok)
+    # 2. E = 1, K = 1, no shared expert, sigmoid scoring is the dense MLP with the same weights (the gate is 1).
+    c1 = tiny_config("sigmoid", 1, 1, 0, 0, False)
+    W1 = random_weights(c1, gen)
+    cd = {k: v for k, v in c1.items() if k not in MOE_KEYS}
+    cd["intermediate_size"] = c1["moe_intermediate_size"]
+    Wd = {n.replace("mlp.experts.0.", "mlp."): w for n, w in W1.items() if "mlp.gate." not in n}
+    tokens = torch.randint(0, 7, (2, 5), generator=gen)
+    diff = (forward(W1, c1, tokens) - forward(Wd, cd, tokens)).abs().max().item()
+    report("E=1 K=1 S=0 sigmoid == dense SwiGLU, logits", f"{diff:.1e}", diff < 1e-12)
+    # 3. A zero router: all scores tie, the lower indices win, and the auxiliary loss is exactly alpha (P_e = 1/E).
+    for K in (1, 2):
+        c = tiny_config("softmax", 4, K, 0, 0, False)
+        W = random_weights(c, gen)
+        W["model.layers.0.mlp.gate.weight"].zero_()
+        stats = []
+        moe(W, c, "model.layers.0.mlp", torch.randn(10, 8, generator=gen, dtype=torch.float64), stats)
+        a = aux_loss(c, stats[0], 0.01).item()
+        want = torch.tensor([10.0] * K + [0.0] * (4 - K), dtype=torch.float64)
+        report(f"zero router K={K}: counts {stats[0]['counts'].tolist()}, aux loss == alpha", f"{a:.17g}",
+               torch.equal(stats[0]["counts"], want) and abs(a - 0.01) < 1e-17)
+    # 4. Gradients of the training loss (cross-entropy + auxiliary loss) by central finite differences.
+    for scoring, K, S, k_dense, tie in (("sigmoid", 1, 0, 0, False), ("sigmoid", 2, 1, 1, True),
+                                        ("sigmoid", 2, 2, 0, False), ("softmax", 1, 1, 0, True),
+                                        ("softmax", 2, 0, 1, False), ("softmax", 2, 1, 0, False)):
+        c = tiny_config(scoring, 3, K, S, k_dense, tie)
+        while True:  # a choice closer than the finite-difference step would make the loss non-smooth there
+            W = random_weights(c, gen)
+            tokens = torch.randint(0, 7, (2, 5), generator=gen)
+            stats = []
+            forward(W, c, tokens[:, :4], stats)
+            if min(st["margin"] for st in stats) > 1e-3:
+                break
+        names = [n for n in W if not n.endswith(BIAS)]
+        fixed = {n: w for n, w in W.items() if n.endswith(BIAS)}
+
+        def loss_of(*params):
+            return training_loss(dict(fixed, **dict(zip(names, params))), c, tokens[:, :4], tokens[:, 1:], 0.5)[0]
+        params = [W[n].clone().requires_grad_(True) for n in names]
+        ok = torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=False)
+        # The bias must get no gradient: it only chooses.
+        Wb = {n: w.clone().requires_grad_(True) for n, w in W.items()}
+        loss = training_loss(Wb, c, tokens[:, :4], tokens[:, 1:], 0.5)[0]
+        bias_grads = torch.autograd.grad(loss, [Wb[n] for n in fixed], allow_unused=True)
+        no_bias_grad = all(g is None or not g.any() for g in bias_grads)
+        router = sum(p.numel() for n, p in zip(names, params) if n.endswith("mlp.gate.weight"))
+        report(f"gradcheck {scoring} K={K} S={S} dense layers {k_dense} tied {tie} (alpha 0.5, {sum(p.numel() for p in params)} "
+               f"parameters, {router} in routers); bias gets no gradient: {no_bias_grad}", "", ok and no_bias_grad)
+    print(f"\n{sum(results)} passed, {len(results) - sum(results)} failed")
+    sys.exit(0 if all(results) else 1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd in ("eval", "compare", "train-check"):
+    for cmd in ("eval", "compare", "train-check", "self-test"):
         p = sub.add_parser(cmd)
+        if cmd == "self-test":
+            continue
         p.add_argument("--data", required=True)
         if cmd != "eval":
             p.add_argument("--gpt", required=True, help="path to the gpt binary")
@@ -321,12 +766,16 @@ def main():
             p.add_argument("--model", required=True, help="safetensors checkpoint")
         if cmd == "eval":
             p.add_argument("--split", default="all", choices=["all", "train", "val"])
+        if cmd == "train-check":
+            p.add_argument("--configs", default="dense", help=f"comma-separated, of: {', '.join(CONFIGS)}")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.cmd == "eval":
         print(json.dumps(evaluate(args.model, args.data, args.split)))
     elif args.cmd == "compare":
         compare(args)
+    elif args.cmd == "self-test":
+        self_test(args)
     else:
         train_check(args)
 
