@@ -2825,7 +2825,7 @@ std::vector<Command> cuda_commands() {
           {"--kv-heads", "", "G, key/value heads, dividing H (default H)"},
           {"--n", "1024", "Nq, query rows"},
           {"--nk", "", "Nk, keys (default Nq)"},
-          {"--d", "64", "hd, head size (stages 3b-6 take 32, 64, 80, 128)"},
+          {"--d", "64", "hd, head size (stages 3b-7 take 32, 64, 80, 128)"},
           {"--causal", "", "causal mask, bottom-right aligned when Nq != Nk", true},
           {"--score-std", "1", "standard deviation of the scores (40 needs the max-subtraction)"},
           {"--seed", "1", "seed of the random inputs"},
