@@ -2917,7 +2917,7 @@ int cmd_cuda_bench(const Flags& flags, const std::vector<std::string>& args) {
     std::string command = "./gpt_cuda bench";
     for (const std::string& arg : args) command += " " + arg;
     const std::vector<CudaBenchRow> rows = run_bench(options, peaks);
-    std::string markdown = bench_markdown(rows, peaks, command);
+    std::string markdown = rows.empty() ? "`" + command + "`\n" : bench_markdown(rows, peaks, command);
     const std::string json = bench_json(rows, peaks);
     if (options.model) markdown += model_bench_markdown(run_model_bench(options.quick), peaks);
     std::filesystem::create_directories(options.out_dir);
