@@ -198,7 +198,7 @@ struct TestModel {
     Tokenizer tokenizer;
 };
 
-// V = 37 (36 characters and EOT); context 160 spans two stage-7 blocks of 128 keys. F is a multiple of no tile.
+// V = 37 (36 characters and EOT); context 160 spans three stage-7 blocks of 64 keys. F is a multiple of no tile.
 TestModel test_model(const int heads, const int kv_heads, const bool tied, const uint64_t seed) {
     std::vector<char32_t> chars;
     for (char32_t c = 'a'; c <= 'z'; ++c) chars.push_back(c);

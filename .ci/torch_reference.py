@@ -3,7 +3,7 @@
 
   torch_reference.py eval --model M --data F [--split all|train|val]   -> JSON {loss, perplexity, tokens, ...}
   torch_reference.py compare --gpt BIN --model M --data F              -> table; exit 1 on a mismatch
-  torch_reference.py train-check --gpt BIN --data F [--configs LIST]   -> checks one AdamW step at a time
+  torch_reference.py train-check --gpt BIN --data F [--configs LIST]   -> checks gpt's training steps (see there)
   torch_reference.py self-test                                         -> checks this file's own MoE and gradients
 
 Dense models and the Mixture-of-Experts feed-forward of §3 (DeepSeek-V3 style, sigmoid or softmax scoring).
@@ -213,16 +213,19 @@ def swiglu(W, p, x):
     return (F.silu(x @ W[f"{p}.gate_proj.weight"].T) * (x @ W[f"{p}.up_proj.weight"].T)) @ W[f"{p}.down_proj.weight"].T
 
 
+NEAR_TIE = 1e-5  # a choice-score gap below this may be ordered differently by float32 arithmetic
+
+
 def route(c, r, b):
-    """§3 router on logits r [N, E] with bias b [E]. Returns (gates [N, E], chosen [N, E] bool, scores [N, E], margin).
+    """§3 router on logits r [N, E] with bias b [E]. Returns (gates [N, E], chosen [N, E] bool, scores [N, E], gaps).
 
     sigmoid: s = sigmoid(r); the K largest s + b are chosen (b only chooses: it is detached and never enters a gate).
     softmax: s = softmax(r); the K largest s are chosen.
     Both: g_e = s_e / sum_{chosen} s_e' on the chosen experts, 0 elsewhere. The choice is a constant of the
     backward pass; gradients reach the router through the gate values only.
     Ties: a stable descending sort, so between equal choice scores the lower expert index wins.
-    margin: the smallest gap, over all tokens, between the K-th and (K+1)-th choice score (inf when K = E);
-    a choice closer than float32 rounding may legitimately differ in a float32 engine.
+    gaps [N]: each token's gap between its K-th and (K+1)-th choice score (inf when K = E); a choice closer than
+    float32 rounding may legitimately differ in a float32 engine.
     """
     K, E = c["num_experts_per_tok"], c["n_routed_experts"]
     if c["scoring_func"] == "sigmoid":
@@ -235,22 +238,24 @@ def route(c, r, b):
     chosen = torch.zeros(key.shape, dtype=torch.bool).scatter_(1, order[:, :K], True)
     picked = s * chosen
     gates = picked / picked.sum(-1, keepdim=True)
-    margin = (ranked[:, K - 1] - ranked[:, K]).min().item() if K < E and len(key) else math.inf
-    return gates, chosen, s, margin
+    gaps = ranked[:, K - 1] - ranked[:, K] if K < E else torch.full((len(key),), math.inf, dtype=key.dtype)
+    return gates, chosen, s, gaps
 
 
 def moe(W, c, p, x, stats):
     """§3 MoE on x [N, D]: y = shared(x) + sum_e g_e expert_e(x), every expert on every token (g_e = 0 if not chosen).
 
     Appends this layer's routing statistics to stats: counts c_e (a token counts once for each of its K experts),
-    the sum over tokens of the scores s_e (softmax scoring: P_e = that / N), N and the choice margin.
+    the sum over tokens of the scores s_e (softmax scoring: P_e = that / N), N, the smallest choice gap (margin)
+    and the number of tokens whose gap is below NEAR_TIE.
     """
     r = x @ W[f"{p}.gate.weight"].T
-    gates, chosen, s, margin = route(c, r, W[f"{p}.gate.e_score_correction_bias"])
+    gates, chosen, s, gaps = route(c, r, W[f"{p}.gate.e_score_correction_bias"])
     y = sum(gates[:, e:e + 1] * swiglu(W, f"{p}.experts.{e}", x) for e in range(c["n_routed_experts"]))
     if c["n_shared_experts"] > 0:
         y = y + swiglu(W, f"{p}.shared_experts", x)
-    stats.append({"counts": chosen.sum(0).double(), "score_sum": s.sum(0), "tokens": len(x), "margin": margin})
+    stats.append({"counts": chosen.sum(0).double(), "score_sum": s.sum(0), "tokens": len(x),
+                  "margin": gaps.min().item(), "near_ties": int((gaps < NEAR_TIE).sum())})
     return y
 
 
@@ -320,15 +325,16 @@ def evaluate(model, data, split):
     total = torch.zeros((), dtype=torch.float64)
     layers = moe_layers(c)
     counts = [torch.zeros(c["n_routed_experts"], dtype=torch.float64) for _ in layers]
-    margin = math.inf
+    margin, near = [math.inf for _ in layers], [0 for _ in layers]
 
     def run(x, y):
-        nonlocal total, margin
+        nonlocal total
         stats = []
         total += F.cross_entropy(forward(W, c, x, stats).reshape(-1, c["vocab_size"]), y.reshape(-1), reduction="sum")
         for i, st in enumerate(stats):
             counts[i] += st["counts"]
-            margin = min(margin, st["margin"])
+            margin[i] = min(margin[i], st["margin"])
+            near[i] += st["near_ties"]
 
     with torch.no_grad():
         for j in range(0, full, 256):
@@ -339,17 +345,18 @@ def evaluate(model, data, split):
     loss = total.item() / (n - 1)
     out = {"loss": loss, "perplexity": math.exp(loss), "tokens": n - 1}
     if layers:
-        out["expert_load"] = {str(l): {"share": (cn / cn.sum()).tolist(), "imbalance": (cn.max() / cn.mean()).item()}
-                              for l, cn in zip(layers, counts)}
-        out["choice_margin"] = margin
+        out["expert_load"] = {str(l): {"share": (cn / cn.sum()).tolist(), "imbalance": (cn.max() / cn.mean()).item(),
+                                       "choice_margin": m, "near_ties": nt}
+                              for l, cn, m, nt in zip(layers, counts, margin, near)}
     return out
 
 
 def compare(args):
     """gpt eval against evaluate() on every split: loss and perplexity to 1e-4 relative, token counts equal.
-    For MoE models also the reference's per-layer expert load (printed; gpt's is compared when its JSON has an
-    "expert_load" entry of the same form) and the smallest choice margin (a near-tie may route differently)."""
+    For MoE models also each layer's expert load (share of the N*K assignments per expert) and imbalance max/mean
+    against gpt's, and the smallest choice margin (a near-tie may route differently in float32)."""
     bad, rows, loads = False, [], []
+    c = load_checkpoint(args.model)[1]["config"]
     for split in ("all", "train", "val"):
         out = subprocess.run([args.gpt, "eval", "--model", args.model, "--data", args.data, "--split", split, "--json"],
                              check=True, capture_output=True, text=True).stdout
@@ -361,20 +368,28 @@ def compare(args):
             bad |= not ok
             verdict = "ok" if ok else "FAIL"
             rows.append(f"| {split:5} | {key:10} | {g[key]:.9g} | {r[key]:.9g} | {rel:.2e} | {verdict} |")
-        for l, ld in r.get("expert_load", {}).items():
-            theirs = g.get("expert_load", {}).get(l)
-            diff = max(abs(a - b) for a, b in zip(theirs["share"], ld["share"])) if theirs else None
-            # A share is a count / (N K): one token routed differently moves it by 1 / (N K).
-            ok = diff is None or diff <= 2.0 / r["tokens"]
+        # gpt's JSON: "expert_load": one list of shares per MoE layer in layer order, "imbalance": max/mean each.
+        theirs, near = g.get("expert_load", []), 0
+        for i, (l, ld) in enumerate(r.get("expert_load", {}).items()):
+            share = theirs[i] if i < len(theirs) and len(theirs[i]) == len(ld["share"]) else None
+            diff = None if share is None else max(abs(a - b) for a, b in zip(share, ld["share"]))
+            imb = g["imbalance"][i] if share is not None and i < len(g.get("imbalance", [])) else None
+            # A share is c_e / (N K): a token routed differently moves a share by 1 / (N K). Only near-ties may
+            # route differently: allow two moves for each near-tie in this layer or an earlier one (a flipped
+            # choice changes the token's later layers), beyond float32's printing of the share.
+            near += ld["near_ties"]
+            unit = 1.0 / (r["tokens"] * c["num_experts_per_tok"])
+            ok = diff is not None and diff <= 2 * near * unit + 1e-6 and imb is not None and \
+                abs(imb - ld["imbalance"]) <= 1e-5 + 2 * near * unit * len(ld["share"])
             bad |= not ok
-            loads.append(f"| {split:5} | {l} | {' '.join(f'{x:.4f}' for x in ld['share'])} | {ld['imbalance']:.4f} | "
-                         f"{r['choice_margin']:.1e} | " + ("not in gpt's JSON" if diff is None else f"{diff:.1e}") +
-                         f" | {'ok' if ok else 'FAIL'} |")
+            loads.append(f"| {split:5} | {l} | {' '.join(f'{x:.5f}' for x in ld['share'])} | {ld['imbalance']:.5f} | "
+                         f"{'-' if imb is None else f'{imb:.5f}'} | {ld['choice_margin']:.1e} | {ld['near_ties']} | "
+                         + ("missing in gpt's JSON" if diff is None else f"{diff:.1e}") + f" | {'ok' if ok else 'FAIL'} |")
     print("| split | quantity   | gpt | torch float64 | rel diff | |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     if loads:
-        print("\n| split | MoE layer | share of assignments per expert (torch) | max/mean | smallest choice margin | "
-              "max share diff vs gpt | |\n|---|---|---|---|---|---|---|")
+        print("\n| split | MoE layer | share of assignments per expert (torch) | max/mean (torch) | max/mean (gpt) | "
+              "smallest choice gap | gaps < 1e-5 | max share diff vs gpt | |\n|---|---|---|---|---|---|---|---|---|")
         print("\n".join(loads))
     sys.exit(1 if bad else 0)
 
@@ -444,7 +459,7 @@ def bias_steps(A, B, c, gamma):
     for l in moe_layers(c):
         n = f"model.layers.{l}.{BIAS}"
         delta = (B[n].double() - A[n].double()) / gamma
-        allowed = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) if c["scoring_func"] == "sigmoid" else torch.zeros(1, dtype=torch.float64)
+        allowed = torch.tensor([-1.0, 0.0, 1.0] if c["scoring_func"] == "sigmoid" else [0.0], dtype=torch.float64)
         worst = max(worst, (delta[:, None] - allowed[None]).abs().min(1).values.max().item())
         if c["scoring_func"] == "softmax":
             worst = max(worst, B[n].abs().max().item() / gamma)
@@ -455,13 +470,13 @@ def reference_step(W32, c, inputs, targets, alpha, gamma):
     """One §4 training step's gradient and §3 bias update, in float64, on a known batch.
 
     loss = cross-entropy (+ softmax scoring: sum over MoE layers of the auxiliary loss); gradient by autograd for
-    every tensor but the router bias, which is a constant; the global L2 norm of all those gradients (auxiliary
-    loss included, bias excluded) clips them to norm 1. Sigmoid scoring then sets, per MoE layer,
+    every tensor but the router bias, which is a constant; when the global L2 norm of all those gradients
+    (auxiliary loss included, bias excluded) exceeds 1, they are divided by it. Sigmoid scoring then sets, per MoE layer,
     b_e += gamma * sign(mean_c - c_e) with c_e the layer's counts over the whole batch (a token counts once for
     each of its K experts), computed in this forward pass, before the weights change.
     Returns (clipped gradients, unclipped norm, new biases {name: b}, smallest choice margin, loss)."""
     W = {n: v.double().requires_grad_(not n.endswith(BIAS)) for n, v in W32.items() if not n.startswith("optimizer.")}
-    loss, ce, stats = training_loss(W, c, inputs, targets, alpha)
+    loss, _, stats = training_loss(W, c, inputs, targets, alpha)
     names = [n for n in W if not n.endswith(BIAS)]
     grads = dict(zip(names, torch.autograd.grad(loss, [W[n] for n in names], allow_unused=True)))
     grads = {n: (g if g is not None else torch.zeros_like(W[n])) for n, g in grads.items()}
@@ -521,6 +536,8 @@ CONFIGS = {
                                  "--scoring", "softmax", "--dense-layers", "1"],
     "softmax-k1-tied-alpha0.1": ["--experts", "4", "--top-k-experts", "1", "--shared-experts", "0", "--expert-ffn", "16",
                                  "--scoring", "softmax", "--tie", "--aux-loss", "0.1"],
+    "softmax-e8-k3-alpha0.05": ["--experts", "8", "--top-k-experts", "3", "--shared-experts", "1", "--expert-ffn", "8",
+                                "--scoring", "softmax", "--aux-loss", "0.05"],
 }
 
 
@@ -532,20 +549,20 @@ def train_check(args):
     """Part A, on --data: gpt's own random windows. Each one-step resume must be one §4 AdamW step (the gradient is
     recovered from the moments, g = (m1 - 0.9 m0) / 0.1), the router bias may move only by -gamma, 0, +gamma, and
     an uninterrupted run must equal the chain of one-step resumes bitwise.
-    Part B, on a made-up file whose training stream is exactly T+1 tokens: every window a sampler can draw is that
-    one, so the batch is known. Then the recovered gradient of every step is checked against this file's float64
-    autograd (cross-entropy + auxiliary loss, clipped), the router bias against §3's update from this file's
-    counts, and the weights reconstructed before step 0 against §4's initialisation."""
+    Part B, on a made-up file whose training stream is T+2 tokens: a window can start at 0 or 1 only, so the batch
+    is one of B+1 multisets (see exact_batch_check). Then the recovered gradient of every step is checked against
+    this file's float64 autograd (cross-entropy + auxiliary loss, clipped), the router bias against §3's update
+    from this file's counts, and the weights reconstructed before step 0 against §4's initialisation."""
     tmp, notes = tempfile.mkdtemp(prefix="train_check_"), []
     T = 16
     shape = ["--batch", "4", "--ctx", str(T), "--layers", "2", "--dim", "32", "--heads", "4", "--kv-heads", "2",
              "--ffn", "64", "--eval-every", "1", "--threads", "2"]
     run = lambda *a: subprocess.run([args.gpt, "train", *a], check=True, capture_output=True, text=True)
     bad = False
-    one_window = os.path.join(tmp, "one_window.txt")
-    with open(one_window, "w") as f:  # [EOT] abcde [EOT] fghij [EOT] klm [EOT] = 17 = T+1 tokens, no validation doc
-        f.write("abcde\nfghij\nklm\n")
-    names = args.configs.split(",")
+    two_windows = os.path.join(tmp, "two_windows.txt")
+    with open(two_windows, "w") as f:  # [EOT] abcde [EOT] fghij [EOT] klmn [EOT] = 18 = T+2 tokens, no validation doc
+        f.write("abcde\nfghij\nklmn\n")
+    names = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
     for name in names:
         if name not in CONFIGS:
             fail(f"unknown train-check config {name!r}; known: {', '.join(CONFIGS)}")
@@ -584,14 +601,20 @@ def train_check(args):
             bad |= not same
             notes.append(f"{name}, steps {steps} warmup {warmup}: after step 0, max rel err of v = 5 m^2: {first:.2e}; "
                          f"uninterrupted run == chain of one-step resumes (all tensors, bitwise): {same}")
-        bad |= exact_batch_check(args, run, tmp, name, one_window, shape, extra, gamma, alpha, notes)
+        bad |= exact_batch_check(args, run, tmp, name, two_windows, shape, extra, gamma, alpha, notes)
     print("\n" + "\n".join(notes))
     shutil.rmtree(tmp)
     sys.exit(1 if bad else 0)
 
 
 def exact_batch_check(args, run, tmp, name, data, shape, extra, gamma, alpha, notes):
-    """Part B of train_check (see there). Returns True on a failure."""
+    """Part B of train_check (see there). Returns True on a failure.
+
+    The training stream is T+2 tokens, so a window starts at 0 or 1 and a batch of B windows is one of B+1
+    multisets (n1 windows at 1, the rest at 0; the loss does not depend on their order). Each step is checked
+    against the candidate whose float64 gradient is closest to gpt's; the others differ by far more than float32
+    rounding. A batch mixing both windows checks that counts, f_e and P_e are taken over the whole batch.
+    At step 0 the weight check is circular (W_0 is rebuilt from that very step); its gradient and bias are not."""
     steps, warmup, bad = 4, 2, False
     ck = [os.path.join(tmp, f"{name}_w{k}.safetensors") for k in range(steps + 1)]
     run("--data", data, "--steps", str(steps), "--warmup", str(warmup), *shape, *extra, "--out", ck[1], "--stop-after", "1")
@@ -600,33 +623,40 @@ def exact_batch_check(args, run, tmp, name, data, shape, extra, gamma, alpha, no
     A1, meta = load_checkpoint(ck[1])
     c, tok, st = meta["config"], meta["tokenizer"], json.loads(meta["train_state"])
     stream = torch.tensor(encode_split(data, tok, "train"))
-    T = c["max_position_embeddings"]
-    assert len(stream) == T + 1, (len(stream), T)
-    inputs, targets = stream[:T].repeat(st["batch"], 1), stream[1:].repeat(st["batch"], 1)
+    T, nB = c["max_position_embeddings"], st["batch"]
+    assert len(stream) == T + 2, (len(stream), T)
+    batches = [(torch.stack([stream[i:i + T] for i in [0] * (nB - n1) + [1] * n1]),
+                torch.stack([stream[i + 1:i + T + 1] for i in [0] * (nB - n1) + [1] * n1])) for n1 in range(nB + 1)]
     W0, z, norm_err, clones = init_check(A1, c, schedule(0, steps, st["lr"], warmup))
     init_ok = z < 5 and norm_err < 1e-5 and not clones
     bad |= not init_ok
     notes.append(f"{name}, init (§4) from the step-0 checkpoint: worst |z| of matrix std/mean {z:.2f} (< 5), "
                  f"worst |norm weight - 1| {norm_err:.1e}, two experts equal: {clones}" + ("" if init_ok else " FAIL"))
-    print(f"\nPart B (one known window of T = {T}, batch {st['batch']})\n")
-    print("| step k | loss (float64) | grad norm before clip | gpt clipped norm | worst tensor grad rel err | "
-          "W err / tol | router bias err / gamma | choice margin |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nPart B (a stream of T+2 = {T + 2} tokens: every window starts at 0 or 1; batch {nB})\n")
+    print("| step k | windows at 1 | loss (float64) | grad norm before clip | gpt clipped norm | worst tensor grad rel err (L2) | "
+          "next candidate | tensors with zero gradient | W err / tol | router bias err / gamma | choice margin |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k in range(steps):
         A = W0 if k == 0 else load_checkpoint(ck[k])[0]
         B = load_checkpoint(ck[k + 1])[0]
         lr = schedule(k, steps, st["lr"], warmup)
         r, g_gpt, noise = check_adam(A, B, k, lr)
-        g_ref, norm, biases, margin, loss = reference_step(A, c, inputs, targets, alpha, gamma)
-        worst, worst_name, grad_ok = 0.0, "", True
+        tried = []
+        for n1, (inputs, targets) in enumerate(batches):
+            ref = reference_step(A, c, inputs, targets, alpha, gamma)
+            dist = math.sqrt(sum(((g_gpt[n] - g) ** 2).sum().item() for n, g in ref[0].items()))
+            tried.append((dist, n1, ref))
+        tried.sort(key=lambda x: x[0])
+        _, n1, (g_ref, norm, biases, margin, loss) = tried[0]
+        runner_up = tried[1][0] / math.sqrt(sum((g * g).sum().item() for g in g_ref.values()))
+        worst, worst_name, grad_ok, zero = 0.0, "", True, []
         for n, g in g_ref.items():
             err = (g_gpt[n] - g).norm().item()
-            rel = err / max(g.norm().item(), 1e-30)
             grad_ok &= err <= 1e-3 * g.norm().item() + 2 * noise[n].norm().item() + 1e-12
-            if rel > worst and g.norm().item() > 0:
-                worst, worst_name = rel, n
-            if g.norm().item() == 0 and g_gpt[n].norm().item() > 2 * noise[n].norm().item() + 1e-12:
-                worst, worst_name = math.inf, n
+            if g.norm().item() <= 1e-12:  # zero up to float64 rounding, e.g. the router with sigmoid and K = 1
+                zero.append(g_gpt[n].abs().max().item())
+            elif err / g.norm().item() > worst:
+                worst, worst_name = err / g.norm().item(), n
         b_err = 0.0
         for n, b in biases.items():
             tol = (k + 2) * 2.0 ** -23 * max(b.abs().max().item(), gamma)
@@ -637,8 +667,10 @@ def exact_batch_check(args, run, tmp, name, data, shape, extra, gamma, alpha, no
                 grad_ok &= f"optimizer.{x}.{n}" not in B or not B[f"optimizer.{x}.{n}"].any().item()
         ok = grad_ok and r["w_err_over_tol"] <= 1 and r["v_rel_err"] < 1e-4
         bad |= not ok
-        print(f"| {k}->{k + 1} | {loss:.9f} | {norm:.6f} | {r['grad_norm']:.6f} | {worst:.2e} {worst_name} | "
-              f"{r['w_err_over_tol']:.3f} | {b_err:.1e} | {margin:.1e} |" + ("" if ok else " FAIL"))
+        zeros = f"{len(zero)}: gpt max {max(zero):.1e}" if zero else "none"
+        print(f"| {k}->{k + 1} | {n1} of {nB} | {loss:.9f} | {norm:.6f} | {r['grad_norm']:.6f} | {worst:.2e} {worst_name} | "
+              f"{runner_up:.1e} | {zeros} | {r['w_err_over_tol']:.3f} | {b_err:.1e} | {margin:.1e} |" + ("" if ok else " FAIL")
+              + (" (a choice gap under 1e-5: float32 may order it differently)" if margin < NEAR_TIE and not ok else ""))
     return bad
 
 
@@ -767,7 +799,7 @@ def main():
         if cmd == "eval":
             p.add_argument("--split", default="all", choices=["all", "train", "val"])
         if cmd == "train-check":
-            p.add_argument("--configs", default="dense", help=f"comma-separated, of: {', '.join(CONFIGS)}")
+            p.add_argument("--configs", default="dense", help=f"'all' or comma-separated, of: {', '.join(CONFIGS)}")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.cmd == "eval":
