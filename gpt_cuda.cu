@@ -48,16 +48,19 @@
 //   2      B4 H16 N4096 d64               14.589    18.8
 //   3b     B4 H16 N4096 d64               46.021     6.0             0.32   (see stage 3)
 //   4      B4 H16 N4096 d64               12.584    21.8             3.66   *
-//   5      B4 H16 N4096 d64                7.097    38.7             1.77   *
-//   6      B4 H16 N4096 d64                7.030    39.1             1.01   * (non-causal: the same work as 5)
+//   5      B4 H16 N4096 d64                6.966    39.5             1.81   **
+//   6      B4 H16 N4096 d64                6.923    39.7             1.01   ** (non-causal: the same work as 5)
 //   5      B4 H16 N4096 d64 causal         7.363    18.7
-//   6      B4 H16 N4096 d64 causal         3.981    34.5             1.85   * (vs 5 causal, 7.363 ms, not re-run)
-//   5      B2 H16 N8192 d128              26.491    41.5             2.08   * (vs 4 d128, 55.0 ms, not re-run)
-//   6      B2 H16 N8192 d128              26.624    41.3             1.00   *
-//   6      B2 H16 N8192 d128 causal       13.967    39.4             1.95   * (vs 5 causal, 27.238 ms, not re-run)
+//   6      B4 H16 N4096 d64 causal         3.872    35.5             1.90   ** (vs 5 causal, 7.363 ms, not re-run)
+//   5      B2 H16 N8192 d128              26.140    42.1             2.10   ** (vs 4 d128, 55.0 ms, not re-run)
+//   6      B2 H16 N8192 d128              26.335    41.8             0.99   **
+//   6      B2 H16 N8192 d128 causal       13.839    39.7             1.97   ** (vs 5 causal, 27.238 ms, not re-run)
 // * Measured again on the same H100 80GB HBM3, 2026-11-23, after scores_tile and pv_tile went from unroll 4 to
 //   unroll 8, with `./gpt_cuda run --stage S --batch B --heads 16 --kv-heads 16 --n N --d D [--causal]` (median of 10;
 //   same run, the unroll-4 build: 4 12.688, 5 7.268 / 27.284, 6 7.421 / 4.138 causal / 27.338 / 14.316 causal ms).
+// ** Measured again on an H100 80GB HBM3, 2026-11-24, after pv_tile went to unroll 16 and stages 5-6 to exp2_flush,
+//   with `./gpt_cuda run --stage S --batch B --heads H --kv-heads H --n N --d D [--causal] --check-rows 64` (median of
+//   10; same run, the previous build: 5 7.086 / 26.502, 6 7.035 / 3.962 causal / 26.629 / 13.955 causal ms).
 //
 // Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | stage 7 | runner |
 // GPU model: layer kernels | weights, cache, forward | inference and evaluation | bench | CLI.
@@ -920,7 +923,7 @@ __device__ void store_p_tile(float* p_t, const float (&p)[rows_per_thread][keys_
 template <int HD>
 __device__ void pv_tile(float (&acc)[rows_per_thread][HD / 16], const float* p_t, const float* v_s, const int ty,
                         const int tx) {
-#pragma unroll 8  // likewise
+#pragma unroll 16  // 16, not 8: 1.2% faster at d128 (more P and V loads issue ahead of their FMAs)
     for (int key = 0; key < flash_keys; ++key) {
         const float4 p_lo = *reinterpret_cast<const float4*>(p_t + key * p_stride + ty * 8);
         const float4 p_hi = *reinterpret_cast<const float4*>(p_t + key * p_stride + ty * 8 + 4);
@@ -1035,11 +1038,25 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // V take turns with the math (cp.async): V_j arrives while S = Q K_j^T is computed, K_j+1 while P V_j is, so the
 // block rarely waits for memory. Causal rows are handled by masking every tile (stage 6 skips the tiles that are fully
 // masked). Faster because the only memory traffic left is reading Q once and K, V once per query block, and it
-// overlaps the arithmetic. Measured (H100, 2026-11-23, ./gpt_cuda run, after unroll 8 in scores_tile and pv_tile):
-// B4 H16 N4096 d64 7.10 ms, 38.7 TFLOP/s (was 7.27 ms, 37.8 with unroll 4); B2 H16 N8192 d128 26.5 ms, 41.5 TFLOP/s
-// (was 27.3 ms, 40.3). Earlier, with unroll 4 (./gpt_cuda bench): causal d64 7.36 ms, 18.7 TFLOP/s; d128 2.02x of
-// stage 4; B8 H12 N1024 d64 0.706 ms, 36.5 TFLOP/s. One block of 256 threads per SM at d128 (165 KB of shared memory),
-// two at d64; with unroll 4 (184 registers) ncu showed the issue slots 72% busy and the FMA pipe 62% busy at d128.
+// overlaps the arithmetic. Measured (H100, 2026-11-24, ./gpt_cuda run, after unroll 16 in pv_tile and exp2_flush):
+// B4 H16 N4096 d64 6.97 ms, 39.5 TFLOP/s (7.09 ms, 38.8 before, same run; 7.27 ms, 37.8 with unroll 4 in
+// scores_tile and pv_tile); B2 H16 N8192 d128 26.1 ms, 42.1 TFLOP/s (26.5 ms, 41.5; 27.3 ms, 40.3). Earlier, with
+// unroll 4 (./gpt_cuda bench): causal d64 7.36 ms, 18.7 TFLOP/s; d128 2.02x of stage 4; B8 H12 N1024 d64 0.706 ms,
+// 36.5 TFLOP/s. One block of 256 threads per SM at d128 (165 KB of shared memory), two at d64. What limits it, from
+// ncu at d128 (unroll 8): the issue slots are 74% busy and the FMA pipe 66%; FFMA is 84% of the instructions. Each
+// warp's float4 read from shared memory costs 2 wavefronts when the lanes of each half-warp share one address (Q, P)
+// and 4 when they read 16 different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as
+// long as the FMA pipe would be at full rate.
+
+// 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
+// check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
+// under 2^-126 in a row whose largest weight is 1, far below what fp32 resolves in the row's sum, and 2^-inf is still
+// 0. That saves about three instructions on each of the 40 exponentials per thread and tile: about 1% at d64.
+__device__ float exp2_flush(const float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 // Before the loop: Q is in q_t and K_0 is arriving in k_s. Waits for K_0 and makes Q and K_0 visible to all threads.
 __device__ void flash2_prologue_wait() {
@@ -1064,10 +1081,10 @@ __device__ void flash2_tile(const FlashTiles& tiles, float (&acc)[rows_per_threa
     for (int r = 0; r < rows_per_thread; ++r) {
         const float m_new = fmaxf(m[r], row_max16(fmaxf(fmaxf(p[r][0], p[r][1]), fmaxf(p[r][2], p[r][3]))));
         const float m_safe = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen no key keeps p = 0, not NaN
-        const float correction = exp2f(m[r] - m_safe);           // 0 before the first visible key (m = -inf)
+        const float correction = exp2_flush(m[r] - m_safe);      // 0 before the first visible key (m = -inf)
         float sum = 0.0f;
 #pragma unroll
-        for (int c = 0; c < keys_per_thread; ++c) sum += (p[r][c] = exp2f(p[r][c] - m_safe));
+        for (int c = 0; c < keys_per_thread; ++c) sum += (p[r][c] = exp2_flush(p[r][c] - m_safe));
         l[r] =
             l[r] * correction + sum;  // this thread's share of the row sum; the 16 shares are added once, at the end
 #pragma unroll
@@ -1143,12 +1160,13 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // no key at all writes O = 0 and LSE = -inf without touching K or V. Grouped-query attention is the index
 // h / (H/G) of every stage: the H/G query heads of a group are adjacent in the grid and share their K/V in L2.
 // Changes from stage 5: tile skipping, mask only on diagonal tiles, longest-first order. Faster because causal
-// attention does half the work of stage 5's masked loop; without a mask it is stage 5. Measured (H100, 2026-11-23,
-// ./gpt_cuda run, after unroll 8 in scores_tile and pv_tile): causal B4 H16 N4096 d64 3.98 ms, 34.5 TFLOP/s (was
-// 4.14 ms, 33.2 with unroll 4); causal B2 H16 N8192 d128 14.0 ms, 39.4 TFLOP/s (was 14.3 ms, 38.4). Non-causal it
-// does stage 5's work: B4 H16 N4096 d64 7.03 ms, 39.1 TFLOP/s (was 7.42 ms, 37.0); B2 H16 N8192 d128 26.6 ms,
-// 41.3 TFLOP/s (was 27.3 ms, 40.2). Earlier, with unroll 4 (./gpt_cuda bench): causal B8 H12 N1024 d64 0.518 ms,
-// 24.9 TFLOP/s (1.38x of stage 5).
+// attention does half the work of stage 5's masked loop; without a mask it is stage 5. Measured (H100, 2026-11-24,
+// ./gpt_cuda run, after unroll 16 in pv_tile and exp2_flush): causal B4 H16 N4096 d64 3.87 ms, 35.5 TFLOP/s (3.96 ms,
+// 34.7 before, same run; 4.14 ms, 33.2 with unroll 4 in scores_tile and pv_tile); causal B2 H16 N8192 d128 13.8 ms,
+// 39.7 TFLOP/s (13.96 ms, 39.4; 14.3 ms, 38.4); causal B8 H12 N1024 d64 0.490 ms, 26.3 TFLOP/s (0.495 ms, 26.0).
+// Non-causal it does stage 5's work: B4 H16 N4096 d64 6.92 ms, 39.7 TFLOP/s (7.04 ms, 39.1; 7.42 ms, 37.0);
+// B2 H16 N8192 d128 26.3 ms, 41.8 TFLOP/s (26.6 ms, 41.3; 27.3 ms, 40.2). Earlier, with unroll 4 (./gpt_cuda bench):
+// causal B8 H12 N1024 d64 0.518 ms, 24.9 TFLOP/s (1.38x of stage 5).
 template <int HD>
 __global__ void __launch_bounds__(flash_threads)
     s6_attention_flash_causal_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
