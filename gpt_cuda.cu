@@ -2951,10 +2951,7 @@ int cmd_cuda_bench(const Flags& flags, const std::vector<std::string>& args) {
 // The GPU model is dense for now: a Mixture-of-Experts checkpoint gets a clear refusal.
 Checkpoint load_dense_checkpoint(const std::string& path) {
     Checkpoint checkpoint = load_checkpoint(path);
-    const Json config = parse_json_in(checkpoint.metadata.at("config"), "checkpoint '" + path + "': config");
-    const Json* experts = config.find("n_routed_experts");
-    check(!experts || json_number(experts, "n_routed_experts") == 0,
-          "checkpoint '" + path + "': Mixture-of-Experts models are not supported on the GPU yet");
+    check(checkpoint.model.config.n_experts == 0, "checkpoint '" + path + "': Mixture-of-Experts models are not supported on the GPU yet");
     return checkpoint;
 }
 

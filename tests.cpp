@@ -366,14 +366,12 @@ TEST_SUITE("cuda: GPU model") {
         ModelConfig huge = c;
         huge.dim = 8192, huge.n_heads = 64, huge.n_kv_heads = 8, huge.ffn_dim = 32768, huge.n_layers = 2000;
         CHECK_THROWS_WITH_AS(check_fits_on_gpu(huge, huge.context), doctest::Contains("does not fit in GPU memory"), Error);
-        // A checkpoint whose config asks for routed experts: refused by name, not misread as dense.
+        // A Mixture-of-Experts checkpoint: refused by name, not misread as dense.
         TempCheckpoint file;
-        std::string config_json = config_to_json(c);
-        config_json.insert(config_json.size() - 1, ",\"n_routed_experts\":4");
-        std::vector<NamedBuffer> tensors;
-        for (const Parameter& p : model_parameters(t.model)) tensors.push_back({p.name, p.tensor->shape, p.tensor->data});
-        write_safetensors(file.path, tensors,
-                          {{"format", "gpt.cpp"}, {"config", config_json}, {"tokenizer", tokenizer_to_json(t.tokenizer)}});
+        ModelConfig moe = c;
+        moe.n_experts = 4, moe.top_k_experts = 2, moe.n_shared_experts = 1, moe.expert_ffn_dim = 16;
+        Model moe_model = make_model(moe);
+        save_checkpoint(file.path, moe_model, t.tokenizer);
         CHECK_THROWS_WITH_AS(load_dense_checkpoint(file.path), doctest::Contains("not supported on the GPU yet"), Error);
         CHECK_THROWS_WITH_AS(run_cuda_command_line({"eval", "--model", file.path + ".missing"}),
                              doctest::Contains("does not exist"), Error);
