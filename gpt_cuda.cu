@@ -33,34 +33,31 @@
 // Then the whole model: a gpt.cpp checkpoint on the GPU (./gpt_cuda eval, ./gpt_cuda sample), with stage 2-6 attention
 // for many positions (--stage), stage 7 for each decode step, and a decode step replayed from a CUDA graph.
 //
-// Measured on an NVIDIA H100 80GB HBM3, 2026-11-23, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full
+// Measured on an NVIDIA H100 80GB HBM3, 2026-11-24, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full
 // table, causal and not, is in each stage's banner and in out/cuda_bench.md). fp32 peak 66.9 TFLOP/s, DRAM 3352 GB/s.
 //   stage  workload                        ms       TFLOP/s   GB/s   x over the previous stage of its kind
-//   0a     x [98304, 1024]                 0.321     0.31     2506
-//   0b     x [98304, 1024]                 0.142     0.71     2830
+//   0a     x [98304, 1024]                 0.321     0.31     2505
+//   0b     x [98304, 1024]                 0.143     0.70     2816
 //   0c     x [98304, 1024]                 0.392     1.3      2053
-//   3a     x [98304, 1024]                 0.550     0.92     1465   0.71 (vs 0c; see stage 3)
-//   cuBLAS 4096^3                          2.660    51.7
-//   1a     4096^3                         24.551     5.6
-//   1b     4096^3                         15.414     8.9             1.59
-//   1c     4096^3                          3.377    40.7             4.57   (79% of cuBLAS)
-//   1d     4096^3, B transposed            3.367    40.8
-//   2      B4 H16 N4096 d64               14.589    18.8
-//   3b     B4 H16 N4096 d64               46.021     6.0             0.32   (see stage 3)
-//   4      B4 H16 N4096 d64               12.584    21.8             3.66   *
-//   5      B4 H16 N4096 d64                6.966    39.5             1.81   **
-//   6      B4 H16 N4096 d64                6.923    39.7             1.01   ** (non-causal: the same work as 5)
-//   5      B4 H16 N4096 d64 causal         7.363    18.7
-//   6      B4 H16 N4096 d64 causal         3.872    35.5             1.90   ** (vs 5 causal, 7.363 ms, not re-run)
-//   5      B2 H16 N8192 d128              26.140    42.1             2.10   ** (vs 4 d128, 55.0 ms, not re-run)
-//   6      B2 H16 N8192 d128              26.335    41.8             0.99   **
-//   6      B2 H16 N8192 d128 causal       13.839    39.7             1.97   ** (vs 5 causal, 27.238 ms, not re-run)
-// * Measured again on the same H100 80GB HBM3, 2026-11-23, after scores_tile and pv_tile went from unroll 4 to
-//   unroll 8, with `./gpt_cuda run --stage S --batch B --heads 16 --kv-heads 16 --n N --d D [--causal]` (median of 10;
-//   same run, the unroll-4 build: 4 12.688, 5 7.268 / 27.284, 6 7.421 / 4.138 causal / 27.338 / 14.316 causal ms).
-// ** Measured again on an H100 80GB HBM3, 2026-11-24, after pv_tile went to unroll 16 and stages 5-6 to exp2_flush,
-//   with `./gpt_cuda run --stage S --batch B --heads H --kv-heads H --n N --d D [--causal] --check-rows 64` (median of
-//   10; same run, the previous build: 5 7.086 / 26.502, 6 7.035 / 3.962 causal / 26.629 / 13.955 causal ms).
+//   3a     x [98304, 1024]                 0.550     0.92     1464   0.71 (vs 0c; see stage 3)
+//   cuBLAS 4096^3                          2.664    51.6
+//   1a     4096^3                         24.537     5.6
+//   1b     4096^3                         15.409     8.9             1.59
+//   1c     4096^3                          3.373    40.7             4.57   (79% of cuBLAS)
+//   1d     4096^3, B transposed            3.375    40.7
+//   2      B4 H16 N4096 d64               14.585    18.8
+//   3b     B4 H16 N4096 d64               45.908     6.0             0.32   (see stage 3)
+//   4      B4 H16 N4096 d64               12.537    21.9             3.66
+//   5      B4 H16 N4096 d64                6.965    39.5             1.80
+//   6      B4 H16 N4096 d64                6.921    39.7             1.01   (non-causal: the same work as 5)
+//   5      B4 H16 N4096 d64 causal         7.052    19.5             1.79
+//   6      B4 H16 N4096 d64 causal         3.886    35.4             1.81
+//   5      B2 H16 N8192 d128              26.104    42.1             2.08
+//   6      B2 H16 N8192 d128              26.329    41.8             0.99
+//   6      B2 H16 N8192 d128 causal       13.829    39.8             1.90   (vs 5 causal, 26.255 ms)
+// The last flash-kernel changes (P V unrolled by 16, exp2 as ex2.approx.ftz) were timed against the build before them
+// in one run of `./gpt_cuda run` (2026-11-24): B2 H16 N8192 d128 stage 5 26.50 -> 26.14 ms, B4 H16 N4096 d64 stage 5
+// 7.09 -> 6.97 ms, stage 6 causal 3.96 -> 3.87 ms.
 //
 // Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | stage 7 | runner |
 // GPU model: layer kernels | weights, cache, forward | inference and evaluation | bench | CLI.
