@@ -1456,9 +1456,10 @@ Tensor& swiglu(Tape& tape, Tensor& x, SwiGLU& mlp) {
 //                  the K experts with the largest p_e             (softmax)
 //   gates          g_e = s_e / sum_{chosen} s_e'                   (the chosen scores, renormalised)
 //   output         y = shared(x) + sum_{chosen} g_e expert_e(x)
-// Dispatch by expert: the tokens that chose expert e are gathered into one [n_e, D] batch and go through that
-// expert's SwiGLU as three matmuls; the gated outputs are scattered back to their rows. The work grows with
-// K (every token runs K experts), not with E. The choice itself has no gradient; the gates do, so the router
+// Dispatch by expert: the N*K (token, expert) choices are gathered into one [N*K, D] batch sorted by expert,
+// so that the rows of expert e are contiguous; each expert's SwiGLU runs as three matmuls on its slice of the
+// batch (a grouped matmul), and the gated outputs are added back into their tokens' rows. The work grows with
+// K (every token runs K experts), not with E, and the batch has the same shape at every step. The choice itself has no gradient; the gates do, so the router
 // learns through them. Balancing keeps experts evenly loaded: sigmoid scoring moves the bias after each
 // optimizer step (b_e += gamma sign(mean c - c_e), c_e = tokens routed to e in the batch); softmax scoring adds
 // the Switch loss alpha E sum_e f_e P_e (f_e the share of the N*K choices that went to e, P_e the mean of p_e).
@@ -1499,17 +1500,21 @@ Tensor& expert_scores(Tape& tape, Tensor& logits, const bool softmax) {
     return scores;
 }
 
-// Which experts each token chose, and where each token sits in its experts' batches.
+// Which experts each token chose, and where each choice sits in the batch sorted by expert.
 struct Routing {
     int N = 0, K = 0;
     std::vector<int> expert;               // [N, K]: token n's k-th expert (largest key first)
-    std::vector<int> row;                  // [N, K]: the row of token n in expert[n, k]'s batch
+    std::vector<int> row;                  // [N, K]: the row of token n in expert[n, k]'s slice
     std::vector<std::vector<int>> tokens;  // per expert, the tokens routed to it, in increasing order
+    std::vector<int> offsets;              // [E + 1]: expert e's slice is rows offsets[e] .. offsets[e+1] - 1
+
+    int sorted_row(const int n, const int k) const { return offsets[expert[size_t(n) * K + k]] + row[size_t(n) * K + k]; }
 };
 
 // For each token the K experts with the largest key s_e + b_e (b empty: no bias); ties go to the lower index.
 Routing choose_experts(std::span<const float> scores, std::span<const float> bias, const int N, const int E, const int K) {
-    Routing routing{N, K, std::vector<int>(size_t(N) * K), std::vector<int>(size_t(N) * K), std::vector<std::vector<int>>(E)};
+    Routing routing{N, K, std::vector<int>(size_t(N) * K), std::vector<int>(size_t(N) * K), std::vector<std::vector<int>>(E),
+                    std::vector<int>(E + 1, 0)};
     std::vector<int> order(E);
     std::vector<float> key(E);
     for (int n = 0; n < N; ++n) {
@@ -1524,6 +1529,7 @@ Routing choose_experts(std::span<const float> scores, std::span<const float> bia
             routing.tokens[e].push_back(n);
         }
     }
+    for (int e = 0; e < E; ++e) routing.offsets[e + 1] = routing.offsets[e] + static_cast<int>(routing.tokens[e].size());
     return routing;
 }
 
@@ -1550,52 +1556,70 @@ Tensor& expert_gates(Tape& tape, Tensor& scores, std::shared_ptr<const Routing> 
     return gates;
 }
 
-// Expert e's batch: out[i] = x[tokens_e[i]], [n_e, D].  dx[tokens_e[i]] += dout[i].
-Tensor& expert_inputs(Tape& tape, Tensor& x, std::shared_ptr<const Routing> routing, const int e) {
-    const int D = x.shape[1], rows = static_cast<int>(routing->tokens[e].size());
-    Tensor& out = tape.make({rows, D});
-    parallel_rows(rows, D, [&](int begin, int end) {
-        for (int i = begin; i < end; ++i) std::copy_n(&x.data[size_t(routing->tokens[e][i]) * D], D, &out.data[size_t(i) * D]);
+// The batch sorted by expert, [N*K, D]: row sorted_row(n, k) = x[n].  dx[n] += sum_k dout[sorted_row(n, k)],
+// summed per token in k order (each token's K rows are added by one thread).
+Tensor& gather_by_expert(Tape& tape, Tensor& x, std::shared_ptr<const Routing> routing) {
+    const int N = routing->N, K = routing->K, D = x.shape[1];
+    Tensor& out = tape.make({N * K, D});
+    parallel_rows(N, K * D, [&](int begin, int end) {
+        for (int n = begin; n < end; ++n)
+            for (int k = 0; k < K; ++k) std::copy_n(&x.data[size_t(n) * D], D, &out.data[size_t(routing->sorted_row(n, k)) * D]);
     });
-    tape.on_backward([&out, &x, routing, e, rows, D] {
-        parallel_rows(rows, D, [&](int begin, int end) {
-            for (int i = begin; i < end; ++i)
-                for (int d = 0; d < D; ++d) x.grad[size_t(routing->tokens[e][i]) * D + d] += out.grad[size_t(i) * D + d];
+    tape.on_backward([&out, &x, routing, N, K, D] {
+        parallel_rows(N, K * D, [&](int begin, int end) {
+            for (int n = begin; n < end; ++n)
+                for (int k = 0; k < K; ++k) {
+                    const float* dout = &out.grad[size_t(routing->sorted_row(n, k)) * D];
+                    for (int d = 0; d < D; ++d) x.grad[size_t(n) * D + d] += dout[d];
+                }
         });
     });
     return out;
 }
 
-// y_n = sum_k g_nk out_{e_nk}[row_nk], [N, D] (outputs[e] is expert e's batch output, null when no token chose e).
-// Backward: dout_e[row_nk] += g_nk dy_n,  dg_nk += dy_n . out_e[row_nk].
-Tensor& combine_experts(Tape& tape, const std::vector<Tensor*>& outputs, Tensor& gates, std::shared_ptr<const Routing> routing, const int D) {
-    const int N = routing->N, K = routing->K;
-    Tensor& y = tape.make({N, D});
-    const auto expert_row = [routing, outputs, D](const int n, const int k, const bool grad) {
-        const size_t i = size_t(n) * routing->K + k;
-        Tensor& out = *outputs[routing->expert[i]];
-        return (grad ? out.grad.data() : out.data.data()) + size_t(routing->row[i]) * D;
+// Grouped matmul: out[rows of e] = x[rows of e] @ W_e^T for every expert e, on the batch sorted by expert.
+// x: [N*K, in], weights[e]: [out, in] -> [N*K, out]. Backward per slice, as matmul: dx_e += dout_e W_e, dW_e += dout_e^T x_e.
+Tensor& grouped_matmul(Tape& tape, Tensor& x, std::vector<Tensor*> weights, std::shared_ptr<const Routing> routing) {
+    const int rows = x.shape[0], K_in = x.shape[1], M = weights[0]->shape[0];
+    Tensor& out = tape.make({rows, M});
+    const auto slice = [routing](std::vector<float>& t, const size_t e, const int width) {
+        return std::span<float>(t).subspan(size_t(routing->offsets[e]) * width, size_t(routing->offsets[e + 1] - routing->offsets[e]) * width);
     };
+    for (size_t e = 0; e < weights.size(); ++e)
+        if (const int n = routing->offsets[e + 1] - routing->offsets[e]; n > 0)
+            matmul_forward(slice(out.data, e, M), slice(x.data, e, K_in), weights[e]->data, n, K_in, M);
+    tape.on_backward([&out, &x, weights, routing, slice, K_in, M] {
+        for (size_t e = 0; e < weights.size(); ++e)
+            if (const int n = routing->offsets[e + 1] - routing->offsets[e]; n > 0)
+                matmul_backward(slice(x.grad, e, K_in), weights[e]->grad, slice(out.grad, e, M), slice(x.data, e, K_in), weights[e]->data, n, K_in, M);
+    });
+    return out;
+}
+
+// y_n = sum_k g_nk out[sorted_row(n, k)], [N, D].  Backward: dout[sorted_row(n, k)] = g_nk dy_n,  dg_nk += dy_n . out[sorted_row(n, k)].
+Tensor& combine_experts(Tape& tape, Tensor& expert_out, Tensor& gates, std::shared_ptr<const Routing> routing) {
+    const int N = routing->N, K = routing->K, D = expert_out.shape[1];
+    Tensor& y = tape.make({N, D});
     parallel_rows(N, 2.0 * K * D, [&](int begin, int end) {
         for (int n = begin; n < end; ++n) {
             float* y_n = &y.data[size_t(n) * D];
             std::fill(y_n, y_n + D, 0.0f);
             for (int k = 0; k < K; ++k) {
                 const float g = gates.data[size_t(n) * K + k];
-                const float* out = expert_row(n, k, false);
+                const float* out = &expert_out.data[size_t(routing->sorted_row(n, k)) * D];
                 for (int d = 0; d < D; ++d) y_n[d] += g * out[d];
             }
         }
     });
-    tape.on_backward([&y, &gates, expert_row, N, K, D] {
+    tape.on_backward([&y, &expert_out, &gates, routing, N, K, D] {
         parallel_rows(N, 4.0 * K * D, [&](int begin, int end) {
             for (int n = begin; n < end; ++n) {
                 const float* dy = &y.grad[size_t(n) * D];
                 for (int k = 0; k < K; ++k) {
+                    const size_t row = size_t(routing->sorted_row(n, k)) * D;
                     const float g = gates.data[size_t(n) * K + k];
-                    gates.grad[size_t(n) * K + k] += dot(dy, expert_row(n, k, false), D);
-                    float* dout = expert_row(n, k, true);
-                    for (int d = 0; d < D; ++d) dout[d] += g * dy[d];
+                    gates.grad[size_t(n) * K + k] += dot(dy, &expert_out.data[row], D);
+                    for (int d = 0; d < D; ++d) expert_out.grad[row + d] += g * dy[d];
                 }
             }
         });
@@ -1630,18 +1654,19 @@ struct BalanceLoss {
 
 // x: [N, D] -> the MoE feed-forward, [N, D]. Records each expert's load in moe.counts.
 Tensor& moe_forward(Tape& tape, Tensor& x, MixtureOfExperts& moe, const ModelConfig& c, BalanceLoss* balance) {
-    const int N = x.shape[0], D = x.shape[1], E = c.n_experts;
+    const int N = x.shape[0], E = c.n_experts;
     const bool softmax = c.scoring == "softmax";
     Tensor& scores = expert_scores(tape, matmul(tape, x, moe.router), softmax);
     const auto routing = std::make_shared<const Routing>(
         choose_experts(scores.data, softmax ? std::span<const float>() : std::span<const float>(moe.router_bias.data), N, E, c.top_k_experts));
     Tensor& gates = expert_gates(tape, scores, routing);
-    std::vector<Tensor*> outputs(E, nullptr);
-    for (int e = 0; e < E; ++e) {
-        moe.counts[e] = static_cast<int>(routing->tokens[e].size());
-        if (moe.counts[e] > 0) outputs[e] = &swiglu(tape, expert_inputs(tape, x, routing, e), moe.experts[e]);
-    }
-    Tensor* y = &combine_experts(tape, outputs, gates, routing, D);
+    for (int e = 0; e < E; ++e) moe.counts[e] = static_cast<int>(routing->tokens[e].size());
+    // Every expert's SwiGLU, each on its slice of the batch sorted by expert.
+    std::vector<Tensor*> w_gate, w_up, w_down;
+    for (SwiGLU& expert : moe.experts) w_gate.push_back(&expert.w_gate), w_up.push_back(&expert.w_up), w_down.push_back(&expert.w_down);
+    Tensor& sorted = gather_by_expert(tape, x, routing);
+    Tensor& hidden = mul(tape, silu(tape, grouped_matmul(tape, sorted, w_gate, routing)), grouped_matmul(tape, sorted, w_up, routing));
+    Tensor* y = &combine_experts(tape, grouped_matmul(tape, hidden, w_down, routing), gates, routing);
     if (c.n_shared_experts > 0) y = &add(tape, *y, swiglu(tape, x, moe.shared));
     if (balance && softmax && balance->alpha > 0.0f) balance->terms.push_back(&switch_balance_loss(tape, scores, routing, balance->alpha));
     return *y;
