@@ -2455,8 +2455,9 @@ std::string loss_log_csv(const std::vector<LogRow>& rows) {
     return csv;
 }
 
-std::vector<LogRow> parse_loss_log_csv(const std::string& text) {
-    std::vector<LogRow> rows;
+// The fields of each line of a CSV text after its header line (our logs: no quoting, no commas in fields).
+std::vector<std::vector<std::string>> csv_fields(const std::string& text) {
+    std::vector<std::vector<std::string>> rows;
     std::istringstream lines(text);
     std::string line;
     std::getline(lines, line);  // header
@@ -2464,6 +2465,14 @@ std::vector<LogRow> parse_loss_log_csv(const std::string& text) {
         std::vector<std::string> fields;
         std::istringstream cells(line);
         for (std::string cell; std::getline(cells, cell, ',');) fields.push_back(cell);
+        rows.push_back(std::move(fields));
+    }
+    return rows;
+}
+
+std::vector<LogRow> parse_loss_log_csv(const std::string& text) {
+    std::vector<LogRow> rows;
+    for (const std::vector<std::string>& fields : csv_fields(text)) {
         if (fields.size() != 4) continue;
         LogRow row{std::stoi(fields[0]), std::stof(fields[1]), std::stof(fields[3]), std::nullopt};
         if (!fields[2].empty()) row.val_loss = std::stof(fields[2]);
@@ -2543,15 +2552,8 @@ std::string expert_load_csv(const std::vector<ExpertLoadRow>& rows) {
 
 std::vector<ExpertLoadRow> parse_expert_load_csv(const std::string& text) {
     std::vector<ExpertLoadRow> rows;
-    std::istringstream lines(text);
-    std::string line;
-    std::getline(lines, line);  // header
-    while (std::getline(lines, line)) {
-        std::vector<std::string> fields;
-        std::istringstream cells(line);
-        for (std::string cell; std::getline(cells, cell, ',');) fields.push_back(cell);
+    for (const std::vector<std::string>& fields : csv_fields(text))
         if (fields.size() == 4) rows.push_back({std::stoi(fields[0]), std::stoi(fields[1]), std::stoi(fields[2]), std::stod(fields[3])});
-    }
     return rows;
 }
 
