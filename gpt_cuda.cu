@@ -2076,21 +2076,120 @@ __global__ void cross_entropy_kernel(float* losses, const float* logits, const i
 
 __global__ void advance_kernel(int* length, const int T) { *length += T; }
 
+// ---- Mixture of experts (DESIGN.md §3): routing, and the chosen experts of one row ----
+// route_kernel, one thread per row n (E is small): router logits r = logits[n, :] give the scores s_e = sigmoid(r_e)
+// (sigmoid scoring) or p_e = softmax(r)_e (softmax scoring); the K experts with the largest key s_e + b_e (b = the
+// routing bias, which only chooses; null for softmax) are picked one at a time, each the largest key below the pick
+// before it in the order (key descending, index ascending), so ties go to the lower index as in gpt.cpp's
+// choose_experts; gates g_k = s_{e_k} / sum_j s_{e_j}. Each choice adds 1 to counts[e] (the expert load).
+__device__ float expert_score(const float* r, const int e, const bool softmax, const float max, const float sum) {
+    return softmax ? expf(r[e] - max) / sum : 1.0f / (1.0f + expf(-r[e]));
+}
+
+__global__ void route_kernel(int* chosen, float* gates, int* counts, const float* logits, const float* bias,
+                             const int rows, const int E, const int K, const bool softmax) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= rows) return;
+    const float* r = logits + int64_t(n) * E;
+    float max = -INFINITY, sum = 0.0f;
+    if (softmax) {
+        for (int e = 0; e < E; ++e) max = fmaxf(max, r[e]);
+        for (int e = 0; e < E; ++e) sum += expf(r[e] - max);
+    }
+    int* expert = chosen + int64_t(n) * K;
+    float* gate = gates + int64_t(n) * K;
+    float previous_key = INFINITY, chosen_sum = 0.0f;
+    int previous = -1;
+    for (int k = 0; k < K; ++k) {
+        int best = -1;
+        float best_key = -INFINITY;
+        for (int e = 0; e < E; ++e) {
+            const float key = expert_score(r, e, softmax, max, sum) + (bias ? bias[e] : 0.0f);
+            const bool after_previous = key < previous_key || (key == previous_key && e > previous);
+            if (after_previous && (best < 0 || key > best_key)) best = e, best_key = key;
+        }
+        expert[k] = best, gate[k] = expert_score(r, best, softmax, max, sum);
+        chosen_sum += gate[k];
+        atomicAdd(counts + best, 1);
+        previous = best, previous_key = best_key;
+    }
+    for (int k = 0; k < K; ++k) gate[k] /= chosen_sum;
+}
+
+// One row through its K chosen experts, as gemv_kernel does a dense layer (a decode step: the choices are read on
+// the device, so the step stays one graph). The expert's weights are known only once route_kernel has finished, so
+// these kernels wait for it before their first load.
+// hidden[k, j] = silu(w_gate_up[e_k, j] . h) * (w_gate_up[e_k, Fe + j] . h)    grid (Fe / warps, K)
+template <bool VECTOR>
+__global__ void __launch_bounds__(gemv_threads)
+    chosen_experts_swiglu_kernel(float* hidden, const float* w_gate_up, const float* h, const int* chosen,
+                                 const int Fe, const int D) {
+    start_next_kernel();
+    const int j = blockIdx.x * gemv_warps + threadIdx.x / 32, k = blockIdx.y;
+    if (j >= Fe) return;
+    wait_for_previous_kernel();
+    const float* w = w_gate_up + int64_t(chosen[k]) * 2 * Fe * D;
+    const GemvSums sums = gemv_sums<VECTOR, true>(w + int64_t(j) * D, w + int64_t(Fe + j) * D, h, nullptr, D);
+    if (threadIdx.x % 32 == 0) hidden[int64_t(k) * Fe + j] = silu(sums.first) * sums.second;
+}
+
+// x[j] += sum_k g_k (w_down[e_k, j] . hidden[k, :])    grid (D / warps)
+template <bool VECTOR>
+__global__ void __launch_bounds__(gemv_threads)
+    chosen_experts_down_kernel(float* x, const float* w_down, const float* hidden, const int* chosen,
+                               const float* gates, const int K, const int Fe, const int D) {
+    start_next_kernel();
+    const int j = blockIdx.x * gemv_warps + threadIdx.x / 32;
+    if (j >= D) return;
+    wait_for_previous_kernel();
+    float total = 0.0f;
+    for (int k = 0; k < K; ++k) {
+        const float* w = w_down + (int64_t(chosen[k]) * D + j) * Fe;
+        total += gates[k] * gemv_sums<VECTOR, false>(w, nullptr, hidden + int64_t(k) * Fe, nullptr, Fe).first;
+    }
+    if (threadIdx.x % 32 == 0) x[j] += total;
+}
+
+// Many rows, dispatched by expert: batch[s, :] = h[tokens[s], :], the rows of every expert's batch, expert after
+// expert (one block per slot s)    h [rows, D] -> batch [rows K, D]
+__global__ void gather_rows_kernel(float* batch, const float* h, const int* tokens, const int D) {
+    const float* row = h + int64_t(tokens[blockIdx.x]) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) batch[int64_t(blockIdx.x) * D + d] = row[d];
+}
+
+// x[n, :] += sum_k g_nk outputs[slots[n, k], :], one block per row: each row's gated expert outputs
+__global__ void combine_experts_kernel(float* x, const float* outputs, const int* slots, const float* gates,
+                                       const int K, const int D) {
+    const int64_t n = blockIdx.x;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int k = 0; k < K; ++k) sum += gates[n * K + k] * outputs[int64_t(slots[n * K + k]) * D + d];
+        x[n * D + d] += sum;
+    }
+}
+
 // ==== GPU model: weights, activations, KV cache and the forward pass ====
 // upload_model copies a gpt.cpp Model to the device once: the q, k, v projections stacked into one [(H + 2G) hd, D]
 // matrix and gate and up into one [2F, D], so each is one product. The activations are allocated once, for up to
 // max_rows positions, and reused (a captured decode graph holds their addresses). gpu_forward mirrors model_forward
 // line by line; the attention stage is chosen with --stage (stages 2-6 for many rows; a decode step uses stage 7).
-// Dense models only: a Mixture-of-Experts layer would be one more FFN function beside dense_ffn, called from
-// gpu_forward where the layer is MoE.
+// A Mixture-of-Experts layer keeps its router and bias, its experts' [gate; up] stacked expert after expert, their
+// down projections, and the shared expert's [gate; up] and down (the dense path's layout, at hidden size S Fe).
 
 struct GpuLayer {
     DeviceBuffer<float> attn_norm;  // [D]
     DeviceBuffer<float> wqkv;       // [(H + 2G) hd, D]   q_proj, k_proj, v_proj stacked
     DeviceBuffer<float> wo;         // [D, H hd]
     DeviceBuffer<float> ffn_norm;   // [D]
-    DeviceBuffer<float> w_gate_up;  // [2F, D]            gate_proj, up_proj stacked
+    DeviceBuffer<float> w_gate_up;  // [2F, D]            gate_proj, up_proj stacked      (dense layers)
     DeviceBuffer<float> w_down;     // [D, F]
+    DeviceBuffer<float> router;           // [E, D]       mlp.gate                        (MoE layers)
+    DeviceBuffer<float> router_bias;      // [E]          e_score_correction_bias: only chooses
+    DeviceBuffer<float> experts_gate_up;  // [E, 2Fe, D]  each expert's gate_proj, up_proj stacked
+    DeviceBuffer<float> experts_down;     // [E, D, Fe]
+    DeviceBuffer<float> shared_gate_up;   // [2 S Fe, D]  the shared expert (empty when S = 0)
+    DeviceBuffer<float> shared_down;      // [D, S Fe]
+    DeviceBuffer<int> expert_counts;      // [E] tokens routed to each expert since the last reset (K per token)
 };
 
 struct GpuActivations {
@@ -2104,7 +2203,15 @@ struct GpuActivations {
     DeviceBuffer<float> attended;       // [B, H, T, hd]
     DeviceBuffer<float> attended_rows;  // [rows, H hd]
     DeviceBuffer<float> lse;            // [B, H, T]
-    DeviceBuffer<float> hidden;         // [rows, F]
+    DeviceBuffer<float> hidden;         // [rows, max(F, S Fe)]
+    DeviceBuffer<float> router_logits;  // [rows, E]
+    DeviceBuffer<int> chosen;           // [rows, K] each row's experts, largest key first
+    DeviceBuffer<float> gates;          // [rows, K]
+    DeviceBuffer<int> batch_tokens;     // [rows K] the row in each slot of the expert batches, expert after expert
+    DeviceBuffer<int> batch_slots;      // [rows, K] the slot of row n's k-th expert
+    DeviceBuffer<float> expert_inputs;  // [rows K, D] the expert batches
+    DeviceBuffer<float> expert_hidden;  // [rows K, Fe]
+    DeviceBuffer<float> expert_outputs; // [rows K, D]
     DeviceBuffer<float> logits;         // [rows, V]
     DeviceBuffer<float> losses;         // [rows]
     DeviceBuffer<float> attention_scratch;  // the many-row stage's workspace (stage 2: S; stage 4: m, l)
@@ -2147,20 +2254,32 @@ struct GpuKvCache {
     GpuKvCache& operator=(GpuKvCache&&) = default;
 };
 
-size_t layer_parameters(const ModelConfig& c) {
-    const size_t D = c.dim, hd = c.head_dim();
-    return 2 * D + (c.n_heads + 2 * c.n_kv_heads) * hd * D + D * c.n_heads * hd + 3 * D * c.ffn_dim;
+size_t layer_parameters(const ModelConfig& c, const int l) {
+    const size_t D = c.dim, hd = c.head_dim(), E = c.n_experts, Fe = c.expert_ffn_dim;
+    const size_t ffn = c.is_moe_layer(l) ? E * D + E + 3 * D * Fe * (E + c.n_shared_experts) : 3 * D * c.ffn_dim;
+    return 2 * D + (c.n_heads + 2 * c.n_kv_heads) * hd * D + D * c.n_heads * hd + ffn;
+}
+size_t layers_parameters(const ModelConfig& c) {
+    size_t n = 0;
+    for (int l = 0; l < c.n_layers; ++l) n += layer_parameters(c, l);
+    return n;
 }
 size_t model_parameters_count(const ModelConfig& c) {
-    return size_t(c.vocab_size) * c.dim * (c.tie_embeddings ? 1 : 2) + c.n_layers * layer_parameters(c) + c.dim;
+    return size_t(c.vocab_size) * c.dim * (c.tie_embeddings ? 1 : 2) + layers_parameters(c) + c.dim;
 }
 size_t widest_layer(const ModelConfig& c) {
+    const size_t moe = c.n_experts > 0 ? 2 * size_t(std::max(1, c.n_shared_experts)) * c.expert_ffn_dim : 0;
     return std::max({size_t(c.dim), size_t(c.n_heads + 2 * c.n_kv_heads) * c.head_dim(), 2 * size_t(c.ffn_dim),
-                     size_t(c.vocab_size)});
+                     size_t(c.vocab_size), moe, size_t(c.n_experts)});
+}
+size_t hidden_width(const ModelConfig& c) {
+    return std::max(c.ffn_dim, c.n_shared_experts * c.expert_ffn_dim);
 }
 size_t activation_floats(const ModelConfig& c, const int rows) {
-    const size_t hd = c.head_dim(), H = c.n_heads, G = c.n_kv_heads;
-    return rows * (2 * c.dim + widest_layer(c) + (H + 2 * G) * hd * 2 + 3 * H * hd + H + c.ffn_dim + c.vocab_size + 1);
+    const size_t hd = c.head_dim(), H = c.n_heads, G = c.n_kv_heads, K = c.top_k_experts;
+    const size_t moe = c.n_experts + K * (4 + 2 * c.dim + c.expert_ffn_dim);
+    return rows * (2 * c.dim + widest_layer(c) + (H + 2 * G) * hd * 2 + 3 * H * hd + H + hidden_width(c) +
+                   c.vocab_size + 1 + moe);
 }
 
 // Refuses, before allocating anything, a model whose weights, activations and one KV cache do not fit in free memory.
@@ -2176,7 +2295,7 @@ void check_fits_on_gpu(const ModelConfig& c, const int max_rows) {
               ", KV cache " + format("%.2f", cache / gib) + "), " + format("%.2f", free_bytes / gib) + " GiB are free");
 }
 
-DeviceBuffer<float> stacked_on_device(std::initializer_list<const Tensor*> parts) {
+DeviceBuffer<float> stacked_on_device(const std::vector<const Tensor*>& parts) {
     std::vector<float> host;
     for (const Tensor* part : parts) host.insert(host.end(), part->data.begin(), part->data.end());
     return to_device(host);
@@ -2199,10 +2318,29 @@ GpuModel upload_model(const Model& model, const std::string& stage_id, const int
     check(max_rows >= c.context, "upload_model: max_rows must cover the context");
     check_fits_on_gpu(c, max_rows);
     gpu.embed = to_device(model.embed.data);
-    for (const Layer& layer : model.layers)
-        gpu.layers.push_back({to_device(layer.attn_norm.data), stacked_on_device({&layer.wq, &layer.wk, &layer.wv}),
-                              to_device(layer.wo.data), to_device(layer.ffn_norm.data),
-                              stacked_on_device({&layer.mlp.w_gate, &layer.mlp.w_up}), to_device(layer.mlp.w_down.data)});
+    for (int l = 0; l < c.n_layers; ++l) {
+        const Layer& layer = model.layers[l];
+        GpuLayer& g = gpu.layers.emplace_back();
+        g.attn_norm = to_device(layer.attn_norm.data), g.wqkv = stacked_on_device({&layer.wq, &layer.wk, &layer.wv});
+        g.wo = to_device(layer.wo.data), g.ffn_norm = to_device(layer.ffn_norm.data);
+        if (!c.is_moe_layer(l)) {
+            g.w_gate_up = stacked_on_device({&layer.mlp.w_gate, &layer.mlp.w_up});
+            g.w_down = to_device(layer.mlp.w_down.data);
+            continue;
+        }
+        const MixtureOfExperts& moe = layer.moe;
+        std::vector<const Tensor*> gate_up, down;
+        for (const SwiGLU& expert : moe.experts) gate_up.insert(gate_up.end(), {&expert.w_gate, &expert.w_up});
+        for (const SwiGLU& expert : moe.experts) down.push_back(&expert.w_down);
+        g.router = to_device(moe.router.data), g.router_bias = to_device(moe.router_bias.data);
+        g.experts_gate_up = stacked_on_device(gate_up), g.experts_down = stacked_on_device(down);
+        if (c.n_shared_experts > 0) {
+            g.shared_gate_up = stacked_on_device({&moe.shared.w_gate, &moe.shared.w_up});
+            g.shared_down = to_device(moe.shared.w_down.data);
+        }
+        g.expert_counts = DeviceBuffer<int>(c.n_experts);
+        CUDA_CHECK(cudaMemset(g.expert_counts.data, 0, sizeof(int) * c.n_experts));
+    }
     gpu.final_norm = to_device(model.final_norm.data);
     if (!c.tie_embeddings) gpu.lm_head = to_device(model.lm_head.data);
     const int half = c.head_dim() / 2;
@@ -2224,7 +2362,16 @@ GpuModel upload_model(const Model& model, const std::string& stage_id, const int
     w.q = DeviceBuffer<float>(rows * H * hd), w.k = DeviceBuffer<float>(rows * G * hd);
     w.v = DeviceBuffer<float>(rows * G * hd);
     w.attended = DeviceBuffer<float>(rows * H * hd), w.attended_rows = DeviceBuffer<float>(rows * H * hd);
-    w.lse = DeviceBuffer<float>(rows * H), w.hidden = DeviceBuffer<float>(rows * c.ffn_dim);
+    w.lse = DeviceBuffer<float>(rows * H), w.hidden = DeviceBuffer<float>(rows * hidden_width(c));
+    if (c.n_experts > 0) {
+        const size_t K = c.top_k_experts;
+        w.router_logits = DeviceBuffer<float>(rows * c.n_experts);
+        w.chosen = DeviceBuffer<int>(rows * K), w.gates = DeviceBuffer<float>(rows * K);
+        w.batch_tokens = DeviceBuffer<int>(rows * K), w.batch_slots = DeviceBuffer<int>(rows * K);
+        w.expert_inputs = DeviceBuffer<float>(rows * K * c.dim);
+        w.expert_outputs = DeviceBuffer<float>(rows * K * c.dim);
+        w.expert_hidden = DeviceBuffer<float>(rows * K * c.expert_ffn_dim);
+    }
     w.logits = DeviceBuffer<float>(rows * c.vocab_size), w.losses = DeviceBuffer<float>(rows);
     // A decode step's stage-7 partials, allocated now so that the captured graph keeps valid addresses.
     SplitKv kv;
@@ -2314,18 +2461,107 @@ void attention_block(GpuModel& model, const GpuLayer& layer, const int layer_ind
     linear(model, w.x.data, attended_rows, layer.wo.data, nullptr, rows, H * hd, c.dim, LinearOutput::add);
 }
 
-// x = x + down_proj(silu(gate_proj(h)) * up_proj(h)) with h = rms_norm(x): the dense SwiGLU MLP.
-void dense_ffn(GpuModel& model, const GpuLayer& layer, const int rows) {
+// x = x + down_proj(silu(gate_proj(h)) * up_proj(h)) with h = rms_norm(x) when norm_weight is given, else h = x:
+// a SwiGLU MLP of hidden size F (w_gate_up [2F, D], w_down [D, F]).
+void swiglu_ffn(GpuModel& model, const float* h, const float* norm_weight, const float* w_gate_up,
+                const float* w_down, const int F, const int rows) {
     const ModelConfig& c = model.config;
     GpuActivations& w = model.work;
-    linear(model, w.hidden.data, w.x.data, layer.w_gate_up.data, layer.ffn_norm.data, rows, c.dim, c.ffn_dim,
-           LinearOutput::swiglu);
-    linear(model, w.x.data, w.hidden.data, layer.w_down.data, nullptr, rows, c.ffn_dim, c.dim, LinearOutput::add);
+    linear(model, w.hidden.data, h, w_gate_up, norm_weight, rows, c.dim, F, LinearOutput::swiglu);
+    linear(model, w.x.data, w.hidden.data, w_down, nullptr, rows, F, c.dim, LinearOutput::add);
+}
+
+// The dense layer's feed-forward: x = x + mlp(rms_norm(x)).
+void dense_ffn(GpuModel& model, const GpuLayer& layer, const int rows) {
+    swiglu_ffn(model, model.work.x.data, layer.ffn_norm.data, layer.w_gate_up.data, layer.w_down.data,
+               model.config.ffn_dim, rows);
+}
+
+// ---- The Mixture-of-Experts feed-forward (DESIGN.md §3) ----
+// x = x + shared(h) + sum_{chosen e} g_e expert_e(h), h = rms_norm(x), every expert a SwiGLU MLP of hidden size Fe.
+// What changes from dense_ffn: h is computed once (the router, the experts and the shared expert all read it, and x
+// changes under them), the router's product r = h W_router^T [rows, E] goes to route_kernel, which picks each row's
+// K experts and gates on the device, and only the chosen experts run, so the work grows with K, not E:
+// - one row (a decode step, captured into a graph): the gemv kernels above read the choices from device memory;
+// - many rows (prompt, evaluation): the choices come to the host (one synchronisation per MoE layer), which lays
+//   out each expert's batch, the rows that chose it in increasing order; the batches are gathered into one buffer,
+//   each goes through its expert as two products (stage 1d, or a gemv for a batch of one), and each row adds its
+//   gated outputs back (combine_experts_kernel, so no two writers share a row).
+void run_expert_batches(GpuModel& model, const GpuLayer& layer, const int rows) {
+    const ModelConfig& c = model.config;
+    GpuActivations& w = model.work;
+    const int D = c.dim, E = c.n_experts, K = c.top_k_experts, Fe = c.expert_ffn_dim;
+    std::vector<int> chosen(size_t(rows) * K);
+    CUDA_CHECK(cudaMemcpyAsync(chosen.data(), w.chosen.data, sizeof(int) * chosen.size(), cudaMemcpyDeviceToHost,
+                               model_stream));
+    CUDA_CHECK(cudaStreamSynchronize(model_stream));
+    std::vector<int> batch_start(E + 1, 0);  // expert e's batch: the slots batch_start[e] .. batch_start[e + 1] - 1
+    for (const int e : chosen) ++batch_start[e + 1];
+    std::partial_sum(batch_start.begin(), batch_start.end(), batch_start.begin());
+    std::vector<int> next(batch_start.begin(), batch_start.end() - 1), tokens(chosen.size()), slots(chosen.size());
+    for (size_t i = 0; i < chosen.size(); ++i) {
+        const int slot = next[chosen[i]]++;
+        tokens[slot] = int(i / K), slots[i] = slot;
+    }
+    CUDA_CHECK(cudaMemcpyAsync(w.batch_tokens.data, tokens.data(), sizeof(int) * tokens.size(), cudaMemcpyHostToDevice,
+                               model_stream));
+    CUDA_CHECK(cudaMemcpyAsync(w.batch_slots.data, slots.data(), sizeof(int) * slots.size(), cudaMemcpyHostToDevice,
+                               model_stream));
+    launch_on(model_stream, "gather_rows", gather_rows_kernel, dim3(rows * K), dim3(128), 0, w.expert_inputs.data,
+              w.normed.data, w.batch_tokens.data, D);
+    for (int e = 0; e < E; ++e) {
+        const int first = batch_start[e], count = batch_start[e + 1] - first;
+        if (count == 0) continue;
+        float* hidden = w.expert_hidden.data + size_t(first) * Fe;
+        linear(model, hidden, w.expert_inputs.data + size_t(first) * D,
+               layer.experts_gate_up.data + size_t(e) * 2 * Fe * D, nullptr, count, D, Fe, LinearOutput::swiglu);
+        linear(model, w.expert_outputs.data + size_t(first) * D, hidden, layer.experts_down.data + size_t(e) * D * Fe,
+               nullptr, count, Fe, D, LinearOutput::store);
+    }
+    launch_on(model_stream, "combine_experts", combine_experts_kernel, dim3(rows), dim3(128), 0, w.x.data,
+              w.expert_outputs.data, w.batch_slots.data, w.gates.data, K, D);
+}
+
+void run_chosen_experts(GpuModel& model, const GpuLayer& layer) {
+    const ModelConfig& c = model.config;
+    GpuActivations& w = model.work;
+    const int D = c.dim, K = c.top_k_experts, Fe = c.expert_ffn_dim;
+    const bool vector = float4_ok(layer.experts_gate_up.data, D) && float4_ok(layer.experts_down.data, Fe) &&
+                        float4_ok(w.normed.data, D) && float4_ok(w.expert_hidden.data, Fe);
+    const dim3 block(gemv_threads), swiglu_grid(ceil_div(Fe, gemv_warps), K), down_grid(ceil_div(D, gemv_warps));
+    launch_overlapping("chosen_experts_swiglu",
+                       vector ? chosen_experts_swiglu_kernel<true> : chosen_experts_swiglu_kernel<false>, swiglu_grid,
+                       block, w.expert_hidden.data, layer.experts_gate_up.data, w.normed.data, w.chosen.data, Fe, D);
+    launch_overlapping("chosen_experts_down",
+                       vector ? chosen_experts_down_kernel<true> : chosen_experts_down_kernel<false>, down_grid,
+                       block, w.x.data, layer.experts_down.data, w.expert_hidden.data, w.chosen.data, w.gates.data, K,
+                       Fe, D);
+}
+
+void moe_ffn(GpuModel& model, const GpuLayer& layer, const int rows) {
+    const ModelConfig& c = model.config;
+    GpuActivations& w = model.work;
+    const int D = c.dim, E = c.n_experts, K = c.top_k_experts;
+    const bool softmax = c.scoring == "softmax";
+    launch_on(model_stream, "rms_norm", rms_norm_kernel, dim3(rows), dim3(256), 0, w.normed.data, w.x.data,
+              layer.ffn_norm.data, D, c.norm_eps);
+    linear(model, w.router_logits.data, w.normed.data, layer.router.data, nullptr, rows, D, E, LinearOutput::store);
+    launch_on(model_stream, "route", route_kernel, dim3(ceil_div(rows, 128)), dim3(128), 0, w.chosen.data,
+              w.gates.data, layer.expert_counts.data, w.router_logits.data,
+              softmax ? nullptr : layer.router_bias.data, rows, E, K, softmax);
+    if (rows == 1)
+        run_chosen_experts(model, layer);
+    else
+        run_expert_batches(model, layer, rows);
+    if (c.n_shared_experts > 0)
+        swiglu_ffn(model, w.normed.data, nullptr, layer.shared_gate_up.data, layer.shared_down.data,
+                   c.n_shared_experts * c.expert_ffn_dim, rows);
 }
 
 // work.tokens [B*T] (already on the device) -> work.logits [B*T, V]. As model_forward: with a cache, B = 1 and the
 // tokens sit at positions cache.length .. cache.length + T - 1; the device copy of the length advances by T here (the
-// host copy is the caller's). Launches only, no synchronisation, so a decode step can be captured into a graph.
+// host copy is the caller's). One row launches only, with no synchronisation, so a decode step can be captured into
+// a graph; many rows wait once per MoE layer for its routing (run_expert_batches).
 void gpu_forward(GpuModel& model, const int B, const int T, GpuKvCache* cache) {
     const ModelConfig& c = model.config;
     check(int64_t(B) * T <= model.work.max_rows, "gpu_forward: " + std::to_string(int64_t(B) * T) +
@@ -2341,7 +2577,10 @@ void gpu_forward(GpuModel& model, const int B, const int T, GpuKvCache* cache) {
               w.tokens.data, c.dim);
     for (size_t l = 0; l < model.layers.size(); ++l) {
         attention_block(model, model.layers[l], int(l), B, T, cache);
-        dense_ffn(model, model.layers[l], rows);
+        if (c.is_moe_layer(int(l)))
+            moe_ffn(model, model.layers[l], rows);
+        else
+            dense_ffn(model, model.layers[l], rows);
     }
     if (cache) launch_on(model_stream, "advance", advance_kernel, dim3(1), dim3(1), 0, cache->length_on_device.data, T);
     const float* head = c.tie_embeddings ? model.embed.data : model.lm_head.data;
@@ -2444,14 +2683,34 @@ void decode_step(GpuModel& model, GpuInferenceState& state, const int token) {
     download_last_logits(model, state, 1);
 }
 
+// The expert loads that route_kernel counts on the device: zeroed, then read into an EvalResult as gpt.cpp's
+// add_expert_counts reports them (per MoE layer, the tokens routed to each expert, K per token).
+void reset_expert_counts(GpuModel& model) {
+    for (GpuLayer& layer : model.layers)
+        if (layer.expert_counts.count)
+            CUDA_CHECK(cudaMemsetAsync(layer.expert_counts.data, 0, sizeof(int) * layer.expert_counts.count,
+                                       model_stream));
+}
+void read_expert_counts(const GpuModel& model, EvalResult& result) {
+    CUDA_CHECK(cudaStreamSynchronize(model_stream));
+    for (int l = 0; l < model.config.n_layers; ++l) {
+        if (!model.config.is_moe_layer(l)) continue;
+        std::vector<int> counts(model.config.n_experts);
+        model.layers[l].expert_counts.download(counts);
+        result.moe_layers.push_back(l);
+        result.expert_counts.emplace_back(counts.begin(), counts.end());
+    }
+}
+
 // Evaluation (DESIGN.md §1), as gpt.cpp's evaluate: windows at 0, T, 2T, ..., as many side by side as the activations
-// hold; per-position losses on the GPU, summed in double on the CPU.
+// hold; per-position losses on the GPU, summed in double on the CPU; the expert load of MoE models.
 EvalResult evaluate(GpuModel& model, const std::vector<int>& stream) {
     const int T = model.config.context, V = model.config.vocab_size;
     const size_t targets = stream.size() >= 2 ? stream.size() - 1 : 0;
     EvalResult result;
     if (targets == 0) return result;
     GpuActivations& w = model.work;
+    reset_expert_counts(model);
     std::vector<float> losses(w.max_rows);
     double total = 0.0;
     const auto run = [&](const size_t first, const int B, const int length) {
@@ -2470,6 +2729,7 @@ EvalResult evaluate(GpuModel& model, const std::vector<int>& stream) {
     for (size_t window = 0; window < full_windows; window += windows_per_run)
         run(window * T, int(std::min(windows_per_run, full_windows - window)), T);
     if (const int rest = int(targets - full_windows * T); rest > 0) run(full_windows * T, 1, rest);
+    read_expert_counts(model, result);
     result.tokens = targets;
     result.loss = total / double(targets);
     return result;
@@ -2713,7 +2973,7 @@ double measured_copy_gbps() {
 // Bytes a decode step reads with `length` positions in the cache: every weight (the embedding only when tied, as the
 // output layer) and the keys and values of length + 1 positions.
 double decode_bytes(const ModelConfig& c, const int length) {
-    const double weights = 4.0 * (double(c.n_layers) * layer_parameters(c) + c.dim + double(c.vocab_size) * c.dim);
+    const double weights = 4.0 * (double(layers_parameters(c)) + c.dim + double(c.vocab_size) * c.dim);
     return weights + double(kv_cache_bytes_per_token(c)) * (length + 1);
 }
 
@@ -2945,19 +3205,12 @@ int cmd_cuda_bench(const Flags& flags, const std::vector<std::string>& args) {
     return 0;
 }
 
-// The GPU model is dense for now: a Mixture-of-Experts checkpoint gets a clear refusal.
-Checkpoint load_dense_checkpoint(const std::string& path) {
-    Checkpoint checkpoint = load_checkpoint(path);
-    check(checkpoint.model.config.n_experts == 0, "checkpoint '" + path + "': Mixture-of-Experts models are not supported on the GPU yet");
-    return checkpoint;
-}
-
 // Evaluation runs up to eval_rows positions (windows side by side) per forward pass.
 constexpr int eval_rows = 4096;
 
 int cmd_cuda_eval(const Flags& flags) {
     check(cuda_device_available(), "no CUDA device found");
-    const Checkpoint checkpoint = load_dense_checkpoint(flags.text("--model"));
+    const Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
     const std::vector<int> stream = eval_stream(flags, checkpoint.tokenizer);
     GpuModel gpu = upload_model(checkpoint.model, flags.text("--stage"),
                                 std::max(checkpoint.model.config.context, eval_rows));
@@ -2968,7 +3221,7 @@ int cmd_cuda_eval(const Flags& flags) {
 int cmd_cuda_sample(const Flags& flags) {
     const SampleConfig config = sample_config_from_flags(flags);
     check(cuda_device_available(), "no CUDA device found");
-    const Checkpoint checkpoint = load_dense_checkpoint(flags.text("--model"));
+    const Checkpoint checkpoint = load_checkpoint(flags.text("--model"));
     GpuModel gpu = upload_model(checkpoint.model, flags.text("--stage"), checkpoint.model.config.context);
     print_samples(gpu, checkpoint.tokenizer, config);
     return 0;

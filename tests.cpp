@@ -198,8 +198,19 @@ struct TestModel {
     Tokenizer tokenizer;
 };
 
+// The Mixture-of-Experts part of a test model's config; experts = 0 is a dense model.
+struct TestMoe {
+    std::string scoring = "sigmoid";
+    int experts = 0, top_k = 0, shared = 0, expert_ffn = 0, dense_layers = 0;
+};
+
 // V = 37 (36 characters and EOT); context 160 spans three stage-7 blocks of 64 keys. F is a multiple of no tile.
-TestModel test_model(const int heads, const int kv_heads, const bool tied, const uint64_t seed) {
+// MoE layers get a router 12 times the init scale, so the router logits spread over a few units and the K-th and
+// (K+1)-th keys of a row are rarely within float rounding of each other (where they are, CPU and GPU may choose
+// differently; these seeds have no such row, and the evaluation test checks that both engines count the same
+// choices), and a routing bias of +-0.2 that changes choices (checked for sigmoid scoring; softmax ignores it).
+TestModel test_model(const int heads, const int kv_heads, const bool tied, const uint64_t seed,
+                     const TestMoe& moe = {}) {
     std::vector<char32_t> chars;
     for (char32_t c = 'a'; c <= 'z'; ++c) chars.push_back(c);
     for (char32_t c = '0'; c <= '9'; ++c) chars.push_back(c);
@@ -207,10 +218,23 @@ TestModel test_model(const int heads, const int kv_heads, const bool tied, const
     ModelConfig c;
     c.vocab_size = t.tokenizer.vocab_size(), c.dim = 32 * heads, c.n_layers = 2, c.n_heads = heads;
     c.n_kv_heads = kv_heads, c.ffn_dim = 97, c.context = 160, c.tie_embeddings = tied;
+    c.n_experts = moe.experts, c.top_k_experts = moe.top_k, c.n_shared_experts = moe.shared;
+    c.expert_ffn_dim = moe.expert_ffn, c.scoring = moe.scoring, c.dense_layers = moe.dense_layers;
     t.model = make_model(c);
     init_model(t.model, seed);
+    for (int l = 0; l < c.n_layers; ++l) {
+        if (!c.is_moe_layer(l)) continue;
+        MixtureOfExperts& layer = t.model.layers[l].moe;
+        for (float& w : layer.router.data) w *= 12.0f;
+        for (int e = 0; e < c.n_experts; ++e) layer.router_bias.data[e] = e % 2 ? 0.2f : -0.2f;
+    }
     return t;
 }
+
+// Sigmoid and softmax scoring, K = 1 and 2, with and without a shared expert, with a dense first layer or none; Fe
+// a multiple of 4 (float4 loads in a decode step) or not.
+const std::vector<TestMoe> moe_cases = {
+    {"sigmoid", 4, 2, 1, 24, 1}, {"sigmoid", 5, 1, 0, 21, 0}, {"softmax", 4, 2, 0, 20, 1}, {"softmax", 6, 1, 2, 13, 0}};
 
 std::vector<int> random_tokens(const int n, const int V, const uint64_t seed) {
     Rng rng(seed);
@@ -250,6 +274,29 @@ struct TempCheckpoint {
     ~TempCheckpoint() { std::filesystem::remove(path); }
 };
 
+// t's model on the GPU, through the checkpoint writer and loader as the CLI loads it, for two windows side by side.
+GpuModel upload_through_checkpoint(TestModel& t) {
+    TempCheckpoint file;
+    save_checkpoint(file.path, t.model, t.tokenizer);
+    const Checkpoint loaded = load_checkpoint(file.path);
+    return upload_model(loaded.model, "6", 2 * loaded.model.config.context);
+}
+
+// GPU logits equal the CPU's for one window of lengths 1 to the context, and for two windows side by side.
+void check_logits_at_lengths(GpuModel& gpu, TestModel& t) {
+    const ModelConfig& c = t.model.config;
+    for (const int T : {1, 2, 17, 100, c.context}) {
+        const std::vector<int> tokens = random_tokens(T, c.vocab_size, 7 + T);
+        SUBCASE((describe_model(c) + " T" + std::to_string(T)).c_str()) {
+            expect_close(gpu_logits(gpu, tokens, 1, T), cpu_logits(t.model, tokens, 1, T));
+        }
+    }
+    SUBCASE((describe_model(c) + " two windows side by side").c_str()) {
+        const std::vector<int> tokens = random_tokens(2 * c.context, c.vocab_size, 5);
+        expect_close(gpu_logits(gpu, tokens, 2, c.context), cpu_logits(t.model, tokens, 2, c.context));
+    }
+}
+
 TEST_SUITE("cuda: GPU model") {
     TEST_CASE("logits equal the CPU's: G < H and G = H, tied and untied, lengths 1 to the context, every stage" *
               doctest::skip(no_cuda_device())) {
@@ -260,20 +307,8 @@ TEST_SUITE("cuda: GPU model") {
         for (const Case& model_case : {Case{4, 2, false}, Case{2, 2, true}, Case{4, 1, true}}) {
             TestModel t = test_model(model_case.heads, model_case.kv_heads, model_case.tied, 11);
             const ModelConfig& c = t.model.config;
-            TempCheckpoint file;  // through the checkpoint writer and loader, as the CLI loads it
-            save_checkpoint(file.path, t.model, t.tokenizer);
-            Checkpoint loaded = load_dense_checkpoint(file.path);
-            GpuModel gpu = upload_model(loaded.model, "6", 2 * c.context);
-            for (const int T : {1, 17, 100, c.context}) {
-                const std::vector<int> tokens = random_tokens(T, c.vocab_size, 7 + T);
-                SUBCASE((describe_model(c) + " T" + std::to_string(T)).c_str()) {
-                    expect_close(gpu_logits(gpu, tokens, 1, T), cpu_logits(t.model, tokens, 1, T));
-                }
-            }
-            SUBCASE((describe_model(c) + " two windows side by side").c_str()) {
-                const std::vector<int> tokens = random_tokens(2 * c.context, c.vocab_size, 5);
-                expect_close(gpu_logits(gpu, tokens, 2, c.context), cpu_logits(t.model, tokens, 2, c.context));
-            }
+            GpuModel gpu = upload_through_checkpoint(t);
+            check_logits_at_lengths(gpu, t);
             for (const char* stage : {"2", "3b", "4", "5"}) {
                 SUBCASE((describe_model(c) + " stage " + stage).c_str()) {
                     gpu.attention_stage = &model_attention_stage(stage);
@@ -321,10 +356,13 @@ TEST_SUITE("cuda: GPU model") {
         CHECK(copy.logits == other.logits);
         expect_close(copy.logits, row(30));
     }
-    TEST_CASE("greedy samples equal the CPU's" * doctest::skip(no_cuda_device())) {
+    TEST_CASE("greedy samples equal the CPU's: dense models and every MoE routing case" *
+              doctest::skip(no_cuda_device())) {
         size_t generated = 0;  // the comparison means something only if the samples are not all empty
-        for (const bool tied : {false, true}) {
-            TestModel t = test_model(4, 2, tied, 14);
+        std::vector<TestModel> models;
+        for (const bool tied : {false, true}) models.push_back(test_model(4, 2, tied, 14));
+        for (const TestMoe& moe : moe_cases) models.push_back(test_model(2, 1, false, 24, moe));
+        for (TestModel& t : models) {
             GpuModel gpu = upload_model(t.model, "6", t.model.config.context);
             SampleConfig config;
             config.temperature = 0.0f;
@@ -335,15 +373,69 @@ TEST_SUITE("cuda: GPU model") {
                                                prefill_prompt(t.model, t.tokenizer, prompt_tokens), config, cpu_rng);
                 const Sample on_gpu = generate(gpu, t.tokenizer, prompt_tokens,
                                                prefill_prompt(gpu, t.tokenizer, prompt_tokens), config, gpu_rng);
+                CAPTURE(describe_model(t.model.config));
                 CAPTURE(prompt);
                 generated += on_gpu.tokens.size() - prompt_tokens.size();
                 CHECK(on_gpu.tokens == on_cpu.tokens);
                 CHECK(on_gpu.reached_context == on_cpu.reached_context);
             }
         }
-        CHECK(generated > 50);
+        CHECK(generated > 150);
     }
-    TEST_CASE("bad input: the CPU's checks, plus MoE, head sizes, stages and a model too big for the GPU" *
+    TEST_CASE("MoE: logits equal the CPU's for every routing case, lengths 1 to the context" *
+              doctest::skip(no_cuda_device())) {
+        for (const TestMoe& moe : moe_cases) {
+            TestModel t = test_model(2, 1, false, 21, moe);
+            const ModelConfig& c = t.model.config;
+            GpuModel gpu = upload_through_checkpoint(t);
+            check_logits_at_lengths(gpu, t);
+            if (moe.scoring == "sigmoid") {
+                SUBCASE((describe_model(c) + " the routing bias changes choices").c_str()) {
+                    const std::vector<int> stream = random_tokens(c.context + 1, c.vocab_size, 6);
+                    Model unbiased = t.model;
+                    for (Layer& layer : unbiased.layers)
+                        std::fill(layer.moe.router_bias.data.begin(), layer.moe.router_bias.data.end(), 0.0f);
+                    CHECK(evaluate(unbiased, stream, 1).expert_counts != evaluate(t.model, stream, 1).expert_counts);
+                }
+            }
+        }
+    }
+    TEST_CASE("MoE: evaluation loss equals the CPU's to 1e-4 relative, expert loads equal" *
+              doctest::skip(no_cuda_device())) {
+        for (const TestMoe& moe : moe_cases) {
+            TestModel t = test_model(2, 1, false, 22, moe);
+            CAPTURE(describe_model(t.model.config));
+            // 962 tokens: six full windows of 160 (three side by side per forward) and a last window of one token.
+            const std::vector<int> stream = random_tokens(962, t.model.config.vocab_size, 5);
+            GpuModel gpu = upload_model(t.model, "6", 3 * t.model.config.context);
+            const EvalResult on_gpu = evaluate(gpu, stream), on_cpu = evaluate(t.model, stream, 32);
+            CHECK(on_gpu.tokens == on_cpu.tokens);
+            CHECK(std::fabs(on_gpu.loss - on_cpu.loss) <= 1e-4 * on_cpu.loss);
+            CHECK(on_gpu.moe_layers == on_cpu.moe_layers);
+            CHECK(on_gpu.expert_counts == on_cpu.expert_counts);
+            CHECK(describe_expert_load(on_gpu) == describe_expert_load(on_cpu));
+        }
+    }
+    TEST_CASE("MoE: prefill + decode equals the full forward on the GPU" * doctest::skip(no_cuda_device())) {
+        for (const TestMoe& moe : moe_cases) {
+            TestModel t = test_model(2, 1, false, 23, moe);
+            const ModelConfig& c = t.model.config;
+            CAPTURE(describe_model(c));
+            GpuModel gpu = upload_model(t.model, "6", c.context);
+            const std::vector<int> tokens = random_tokens(c.context, c.vocab_size, 9);
+            const std::vector<float> full = gpu_logits(gpu, tokens, 1, c.context);
+            for (const int prompt : {1, 50, c.context - 20}) {
+                CAPTURE(prompt);
+                GpuInferenceState state = prefill(gpu, std::span<const int>(tokens.data(), prompt));
+                for (int position = prompt; position < std::min(prompt + 20, c.context); ++position) {
+                    decode_step(gpu, state, tokens[position]);
+                    expect_close(state.logits, std::vector<float>(full.begin() + size_t(position) * c.vocab_size,
+                                                                  full.begin() + size_t(position + 1) * c.vocab_size));
+                }
+            }
+        }
+    }
+    TEST_CASE("bad input: the CPU's checks, plus head sizes, stages and a model too big for the GPU" *
               doctest::skip(no_cuda_device())) {
         TestModel t = test_model(4, 2, false, 15);
         const ModelConfig& c = t.model.config;
@@ -366,13 +458,7 @@ TEST_SUITE("cuda: GPU model") {
         ModelConfig huge = c;
         huge.dim = 8192, huge.n_heads = 64, huge.n_kv_heads = 8, huge.ffn_dim = 32768, huge.n_layers = 2000;
         CHECK_THROWS_WITH_AS(check_fits_on_gpu(huge, huge.context), doctest::Contains("does not fit in GPU memory"), Error);
-        // A Mixture-of-Experts checkpoint: refused by name, not misread as dense.
         TempCheckpoint file;
-        ModelConfig moe = c;
-        moe.n_experts = 4, moe.top_k_experts = 2, moe.n_shared_experts = 1, moe.expert_ffn_dim = 16;
-        Model moe_model = make_model(moe);
-        save_checkpoint(file.path, moe_model, t.tokenizer);
-        CHECK_THROWS_WITH_AS(load_dense_checkpoint(file.path), doctest::Contains("not supported on the GPU yet"), Error);
         CHECK_THROWS_WITH_AS(run_cuda_command_line({"eval", "--model", file.path + ".missing"}),
                              doctest::Contains("does not exist"), Error);
         CHECK_THROWS_WITH_AS(run_cuda_command_line({"sample", "--model", file.path, "--top-p", "0"}),
