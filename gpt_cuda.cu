@@ -2108,6 +2108,7 @@ __global__ void route_kernel(int* chosen, float* gates, int* counts, const float
             const bool after_previous = key < previous_key || (key == previous_key && e > previous);
             if (after_previous && (best < 0 || key > best_key)) best = e, best_key = key;
         }
+        if (best < 0) best = 0;  // keys that are NaN (a corrupt checkpoint): the output is NaN, as on the CPU, but no index is out of range
         expert[k] = best, gate[k] = expert_score(r, best, softmax, max, sum);
         chosen_sum += gate[k];
         atomicAdd(counts + best, 1);
