@@ -2332,6 +2332,14 @@ void add_expert_counts(EvalResult& result, const Model& model) {
         for (int e = 0; e < model.config.n_experts; ++e) result.expert_counts[i][e] += model.layers[result.moe_layers[i]].moe.counts[e];
 }
 
+// Each expert's share of one layer's routed tokens, c_e / sum_e' c_e' (all 0 when no token was routed).
+std::vector<double> expert_shares(const std::vector<double>& counts) {
+    const double total = std::max(1.0, std::accumulate(counts.begin(), counts.end(), 0.0));
+    std::vector<double> shares;
+    for (const double c : counts) shares.push_back(c / total);
+    return shares;
+}
+
 // Imbalance of one layer's load: max_e c_e / mean_e c_e (1 = perfectly even, E = everything on one expert).
 double load_imbalance(const std::vector<double>& counts) {
     const double mean = std::accumulate(counts.begin(), counts.end(), 0.0) / double(counts.size());
@@ -2342,12 +2350,10 @@ double load_imbalance(const std::vector<double>& counts) {
 std::string describe_expert_load(const EvalResult& result) {
     std::string text;
     for (size_t i = 0; i < result.moe_layers.size(); ++i) {
-        const std::vector<double>& counts = result.expert_counts[i];
-        const double total = std::accumulate(counts.begin(), counts.end(), 0.0);
         text += "  expert load, layer " + std::to_string(result.moe_layers[i]) + ":";
-        for (const double c : counts) text += " " + std::to_string(static_cast<int>(std::lround(100.0 * c / std::max(total, 1.0)))) + "%";
+        for (const double share : expert_shares(result.expert_counts[i])) text += " " + std::to_string(static_cast<int>(std::lround(100.0 * share))) + "%";
         char imbalance[64];
-        std::snprintf(imbalance, sizeof imbalance, " (max/mean %.2f)\n", load_imbalance(counts));
+        std::snprintf(imbalance, sizeof imbalance, " (max/mean %.2f)\n", load_imbalance(result.expert_counts[i]));
         text += imbalance;
     }
     return text;
@@ -2537,9 +2543,8 @@ struct ExpertLoadRow {
 
 void append_expert_load(std::vector<ExpertLoadRow>& rows, const int step, const EvalResult& result) {
     for (size_t i = 0; i < result.moe_layers.size(); ++i) {
-        const std::vector<double>& counts = result.expert_counts[i];
-        const double total = std::max(1.0, std::accumulate(counts.begin(), counts.end(), 0.0));
-        for (size_t e = 0; e < counts.size(); ++e) rows.push_back({step, result.moe_layers[i], static_cast<int>(e), counts[e] / total});
+        const std::vector<double> shares = expert_shares(result.expert_counts[i]);
+        for (size_t e = 0; e < shares.size(); ++e) rows.push_back({step, result.moe_layers[i], static_cast<int>(e), shares[e]});
     }
 }
 
@@ -3300,9 +3305,8 @@ void print_eval_result(const Flags& flags, const EvalResult& result) {
         if (!result.expert_counts.empty()) {
             std::string shares, imbalance;
             for (const std::vector<double>& counts : result.expert_counts) {
-                const double total = std::max(1.0, std::accumulate(counts.begin(), counts.end(), 0.0));
                 std::string row;
-                for (const double c : counts) row += (row.empty() ? "" : ", ") + float_text(float(c / total));
+                for (const double share : expert_shares(counts)) row += (row.empty() ? "" : ", ") + float_text(float(share));
                 shares += (shares.empty() ? "[" : ", [") + row + "]";
                 imbalance += (imbalance.empty() ? "" : ", ") + float_text(float(load_imbalance(counts)));
             }
