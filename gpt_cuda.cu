@@ -145,6 +145,20 @@ struct DeviceBuffer {
     void poison() { CUDA_CHECK(cudaMemset(data, 0xff, count * sizeof(T))); }
 };
 
+// Page-locked host memory, which a copy captured into a CUDA graph needs (the decode step copies its token in and its
+// logits out inside the graph).
+struct PinnedDeleter {
+    void operator()(void* pointer) const { cudaFreeHost(pointer); }
+};
+template <typename T>
+using PinnedArray = std::unique_ptr<T[], PinnedDeleter>;
+template <typename T>
+PinnedArray<T> pinned_array(const size_t n) {
+    void* pointer = nullptr;
+    CUDA_CHECK(cudaMallocHost(&pointer, n * sizeof(T)));
+    return PinnedArray<T>(static_cast<T*>(pointer));
+}
+
 // Grows a scratch buffer to at least n elements (kept between calls, so timed runs do not allocate).
 void reserve(DeviceBuffer<float>& buffer, const size_t n) {
     if (buffer.count < n) buffer = DeviceBuffer<float>(n);
@@ -168,6 +182,38 @@ template <typename... KernelArgs, typename... Args>
 void launch(const char* name, void (*kernel)(KernelArgs...), const dim3 grid, const dim3 block,
             const size_t smem_bytes, Args&&... args) {
     launch_on(cudaStream_t(nullptr), name, kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
+}
+
+// Programmatic dependent launch (sm_90): a kernel launched with launch_overlapping may start while the kernel before
+// it in the stream is still running, once that kernel calls start_next_kernel. It must do nothing before
+// wait_for_previous_kernel but read data that no earlier kernel writes (weights, say), since any number of kernels
+// before it may still be in flight; the wait returns when the previous kernel has finished and its writes are visible.
+// Both are no-ops for a kernel launched the ordinary way. Used by the decode step of the GPU model, whose kernels are
+// short enough that launch and ramp-up would otherwise cost as much as the work.
+__device__ void start_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+template <typename... KernelArgs, typename... Args>
+void launch_overlapping(const cudaStream_t stream, const char* name, void (*kernel)(KernelArgs...), const dim3 grid,
+                        const dim3 block, const size_t smem_bytes, Args&&... args) {
+    if (smem_bytes > 48 * 1024)
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
+    cudaLaunchAttribute overlap{};
+    overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    overlap.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem_bytes, config.stream = stream;
+    config.attrs = &overlap, config.numAttrs = 1;
+    const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+    check(status == cudaSuccess, std::string(name) + ": launch failed: " + cudaGetErrorString(status));
 }
 
 // printf-style formatting of one number.
@@ -1209,14 +1255,17 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
 // Changes from stage 6: the KEYS are split instead. Block (split, g, row) takes keys [split * Bk, (split + 1) * Bk)
 // and every query head of K/V group g (they share the keys, so K and V are read once per group), and writes a partial
 // result per head: O_s = softmax-weighted V over its keys, its max m_s and sum l_s (one thread per key computes the
-// scores; then one warp per head, lanes along hd). A second kernel merges the splits (DESIGN.md §7):
+// scores; then one warp per head, lanes along hd). The splits are merged with the rule of DESIGN.md §7:
 //   m = max_s m_s,  l = sum_s e^(m_s - m) l_s,  O = sum_s e^(m_s - m) l_s O_s / l,  LSE = m + log l.
-// A split past the last key a row sees is empty (l_s = 0) and weighs nothing. The cache may hold more positions than
-// are filled (head stride max_T * hd), and the number of filled positions may be read from device memory, so that one
-// captured CUDA graph serves every decode step. Faster because all SMs stream the cache at once. Measured (H100,
-// 2026-11-24, ./gpt_cuda run --stage 7 --heads 12 --kv-heads 4 --n 1 --nk 4096 --d 64 --causal --runs 20): 0.024 ms,
-// against 0.490 ms for stage 6 on the same one-row problem (20x); the K and V it reads are 8.4 MB, 350 GB/s: at this
-// size the two launches and the block's chain of waits, not bandwidth, set the time.
+// by the last block of the row to finish (it counts the arrivals with an atomic), so it is one kernel, not a second
+// launch that waits for the first. A split past the last key a row sees is empty (l_s = 0) and weighs nothing. The
+// cache may hold more positions than are filled (head stride max_T * hd), and the number of filled positions may be
+// read from device memory, so that one captured CUDA graph serves every decode step. Faster because all SMs stream
+// the cache at once. Measured (H100, 2026-11-24, ./gpt_cuda run --stage 7 --heads 12 --kv-heads 4 --n 1 --nk 4096
+// --d 64 --causal --runs 20): 0.024 ms with a separate merge kernel, against 0.490 ms for stage 6 on the same one-row
+// problem (20x); with the merge in the last block (H200, 2026-12-03, same command): 0.017 ms (ncu, one decode step of
+// the GPU model: 7.9 us against 4.9 + 4.2 us for the two kernels). The K and V it reads are 8.4 MB, 490 GB/s: at
+// this size the launch and the block's chain of waits, not bandwidth, set the time.
 
 // Where the keys and values live and how they are split. Nk = past + Nq: the Nq new rows are the last Nq keys.
 struct SplitKv {
@@ -1232,77 +1281,131 @@ constexpr int decode_split_keys = 64;  // Bk of the GPU model: 64 blocks per K/V
 
 int decode_splits(const SplitKv& kv) { return int(ceil_div(kv.capacity, kv.split_keys)); }
 
-// Partial results of row r = (b*H + h)*Nq + i, split s, at r * splits + s: outputs [.., hd], then max and sum.
+// Partial results of row r = (b*H + h)*Nq + i, split s, at r * splits + s: outputs [.., hd], then max and sum; and one
+// arrival counter per block row (b, g, i), which the last split to finish uses to know it is last.
 struct DecodePartials {
     float* out;
     float* max;
     float* sum;
+    unsigned* arrivals;
 };
 
-DecodePartials carve_decode_partials(DeviceBuffer<float>& workspace, const int64_t rows, const int splits,
-                                     const int hd) {
-    const size_t count = size_t(rows) * splits;
-    reserve(workspace, count * (hd + 2));
-    return {workspace.data, workspace.data + count * hd, workspace.data + count * (hd + 1)};
+// The workspace holds the partials and, after them, the counters (unsigned, in the same buffer). The counters start
+// at zero when the buffer is made, and the merging block sets its counter back to zero, so they stay zero between calls.
+DecodePartials carve_decode_partials(DeviceBuffer<float>& workspace, const int64_t rows, const int splits, const int hd,
+                                     const int64_t block_rows) {
+    const size_t count = size_t(rows) * splits, needed = count * (hd + 2) + block_rows;
+    if (workspace.count < needed) {
+        workspace = DeviceBuffer<float>(needed);
+        CUDA_CHECK(cudaMemset(workspace.data, 0, needed * sizeof(float)));
+    }
+    return {workspace.data, workspace.data + count * hd, workspace.data + count * (hd + 1),
+            reinterpret_cast<unsigned*>(workspace.data + count * (hd + 2))};
 }
 
 // Shared memory of a block: k_s [Bk][hd + 4] (padded: thread j reads row j as float4s without bank conflicts),
-// v_s [Bk][hd], q_s [group][hd], scores [group][Bk].
+// v_s [Bk][hd], q_s [group][hd], scores [group][Bk], and for the merge weights [group][splits].
 size_t decode_smem_bytes(const AttentionShape& s, const SplitKv& kv) {
-    return sizeof(float) * (size_t(kv.split_keys) * (2 * s.hd + 4) + size_t(s.H / s.G) * (s.hd + kv.split_keys));
+    const size_t group = s.H / s.G;
+    return sizeof(float) * (size_t(kv.split_keys) * (2 * s.hd + 4) + group * (s.hd + kv.split_keys + decode_splits(kv)));
+}
+
+// The merge of DESIGN.md §7 for one output row over its splits, in log2 units, by one warp: lanes take splits for
+// m = max m_s, then weight_s = e^(m_s - m) l_s (kept in shared memory, zero for an empty split, whose l_s = 0) and
+// l = sum weight_s; then lane d sums weight_s O_s[d] / l, the loads of several splits in flight together. The
+// partials were written by other blocks: __ldcg reads them from L2, past this SM's L1.
+constexpr int merge_unroll = 4;
+
+template <int HD>
+__device__ void merge_splits(float* out, float* lse, const DecodePartials parts, const int64_t first, const int splits,
+                             float* weight) {
+    const int lane = threadIdx.x % 32;
+    float m = -INFINITY;
+    for (int s = lane; s < splits; s += 32)
+        if (__ldcg(parts.sum + first + s) > 0.0f) m = fmaxf(m, __ldcg(parts.max + first + s));
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int s = lane; s < splits; s += 32) {
+        const float l_s = __ldcg(parts.sum + first + s);
+        weight[s] = l_s > 0.0f ? exp2f(__ldcg(parts.max + first + s) - m) * l_s : 0.0f;
+        l += weight[s];
+    }
+    l = warp_sum(l);
+    __syncwarp();  // every weight is written before any lane reads another's
+    constexpr int per_lane = (HD + 31) / 32;
+    float o[per_lane] = {};
+#pragma unroll merge_unroll
+    for (int s = 0; s < splits; ++s) {
+        if (weight[s] == 0.0f) continue;  // empty: its outputs were never written
+#pragma unroll
+        for (int c = 0; c < per_lane; ++c)
+            if (lane + 32 * c < HD) o[c] = fmaf(weight[s], __ldcg(parts.out + (first + s) * HD + lane + 32 * c), o[c]);
+    }
+#pragma unroll
+    for (int c = 0; c < per_lane; ++c)
+        if (lane + 32 * c < HD) out[lane + 32 * c] = l > 0.0f ? o[c] / l : 0.0f;  // a row that sees no key gives 0
+    if (lane == 0) *lse = l > 0.0f ? (m + log2f(l)) * ln_2 : -INFINITY;
 }
 
 template <int HD>
 __global__ void __launch_bounds__(decode_threads)
-    s7_decode_partial_kernel(const DecodePartials parts, const float* q, const float* k, const float* v,
-                             const AttentionShape s, const SplitKv kv) {
+    s7_decode_kernel(float* out, float* lse, const DecodePartials parts, const float* q, const float* k, const float* v,
+                     const AttentionShape s, const SplitKv kv) {
+    start_next_kernel();
     extern __shared__ float4 smem4[];
+    __shared__ bool merges;
     const int group = s.H / s.G, split = blockIdx.x, splits = gridDim.x, g = blockIdx.y;
     const int b = blockIdx.z / s.Nq, i = blockIdx.z % s.Nq;
     float* k_s = reinterpret_cast<float*>(smem4);
     float* v_s = k_s + kv.split_keys * (HD + 4);
     float* q_s = v_s + kv.split_keys * HD;             // scaled by log2(e) / sqrt(hd)
     float* scores = q_s + group * HD;                  // S, then P
+    float* weights = scores + group * kv.split_keys;   // the merge's
     const int past = kv.past_on_device ? *kv.past_on_device : kv.past;
     const int visible = s.causal ? min(past + s.Nq, past + i + 1) : past + s.Nq;  // keys [0, visible) of row i
     const int key0 = split * kv.split_keys, n_keys = max(0, min(kv.split_keys, visible - key0));
     const auto part = [&](const int head) { return ((int64_t(b) * s.H + head) * s.Nq + i) * splits + split; };
-    if (n_keys == 0) {  // an empty split: l = 0 (the merge skips it)
-        for (int h = threadIdx.x; h < group; h += decode_threads) parts.max[part(g * group + h)] = -INFINITY,
-                                                                  parts.sum[part(g * group + h)] = 0.0f;
-        return;
-    }
     // The block's keys and values stream into shared memory (cp.async, a warp copies 512 contiguous bytes) while q
-    // is loaded: both arrive with one wait.
+    // is loaded: both arrive with one wait. The keys before `past` were cached by earlier decode steps, so their copy
+    // starts before the wait for the previous kernel (which writes this step's new rows).
     const float* k_head = k + (int64_t(b) * s.G + g) * kv.head_stride + int64_t(key0) * HD;
     const float* v_head = v + (int64_t(b) * s.G + g) * kv.head_stride + int64_t(key0) * HD;
-    for (int f = threadIdx.x; f < n_keys * HD / 4; f += decode_threads) {
-        const int key = f / (HD / 4), d = (f % (HD / 4)) * 4;
-        cp_async16(k_s + key * (HD + 4) + d, k_head + int64_t(key) * HD + d, 16);
-        cp_async16(v_s + key * HD + d, v_head + int64_t(key) * HD + d, 16);
-    }
-    for (int f = threadIdx.x; f < group * HD; f += decode_threads)
-        q_s[f] = q[((int64_t(b) * s.H + g * group + f / HD) * s.Nq + i) * HD + f % HD] * (rsqrtf(float(HD)) * log2_e);
-    cp_async_wait_all();
-    __syncthreads();  // K, V and q are in shared memory
-    // Scores: one thread per key, its K row in registers, one dot product per query head of the group.
-    for (int j = threadIdx.x; j < n_keys; j += decode_threads) {
-        float4 key[HD / 4];
-#pragma unroll
-        for (int d = 0; d < HD / 4; ++d) key[d] = reinterpret_cast<const float4*>(k_s + j * (HD + 4))[d];
-        for (int h = 0; h < group; ++h) {
-            const float4* q_h = reinterpret_cast<const float4*>(q_s + h * HD);
-            float dot = 0.0f;
-#pragma unroll
-            for (int d = 0; d < HD / 4; ++d) {
-                const float4 qq = q_h[d];
-                dot += qq.x * key[d].x + qq.y * key[d].y + qq.z * key[d].z + qq.w * key[d].w;
-            }
-            scores[h * kv.split_keys + j] = dot;
+    const auto copy_keys = [&](const int from, const int to) {
+        for (int f = from * HD / 4 + threadIdx.x; f < to * HD / 4; f += decode_threads) {
+            const int key = f / (HD / 4), d = (f % (HD / 4)) * 4;
+            cp_async16(k_s + key * (HD + 4) + d, k_head + int64_t(key) * HD + d, 16);
+            cp_async16(v_s + key * HD + d, v_head + int64_t(key) * HD + d, 16);
         }
+    };
+    const int cached_keys = max(0, min(n_keys, past - key0));
+    copy_keys(0, cached_keys);
+    wait_for_previous_kernel();
+    copy_keys(cached_keys, n_keys);
+    if (n_keys > 0) {
+        for (int f = threadIdx.x; f < group * HD; f += decode_threads)
+            q_s[f] = q[((int64_t(b) * s.H + g * group + f / HD) * s.Nq + i) * HD + f % HD] * (rsqrtf(float(HD)) * log2_e);
+        cp_async_wait_all();
+        __syncthreads();  // K, V and q are in shared memory
+        // Scores: one thread per key, its K row in registers, one dot product per query head of the group.
+        for (int j = threadIdx.x; j < n_keys; j += decode_threads) {
+            float4 key[HD / 4];
+#pragma unroll
+            for (int d = 0; d < HD / 4; ++d) key[d] = reinterpret_cast<const float4*>(k_s + j * (HD + 4))[d];
+            for (int h = 0; h < group; ++h) {
+                const float4* q_h = reinterpret_cast<const float4*>(q_s + h * HD);
+                float dot = 0.0f;
+#pragma unroll
+                for (int d = 0; d < HD / 4; ++d) {
+                    const float4 qq = q_h[d];
+                    dot += qq.x * key[d].x + qq.y * key[d].y + qq.z * key[d].z + qq.w * key[d].w;
+                }
+                scores[h * kv.split_keys + j] = dot;
+            }
+        }
+        __syncthreads();  // every score is in shared memory
     }
-    __syncthreads();  // every score is in shared memory
     // Per head, one warp (no more barriers): m = max, P = 2^(S - m), l = sum P, then lane d of the warp sums P V[:, d].
+    // An empty split (past the last key its row sees) writes l = 0.
     const int lane = threadIdx.x % 32;
     for (int h = threadIdx.x / 32; h < group; h += decode_threads / 32) {
         float* p = scores + h * kv.split_keys;
@@ -1314,62 +1417,49 @@ __global__ void __launch_bounds__(decode_threads)
         l = warp_sum(l);
         __syncwarp();  // every P of the head is written before any lane reads another's
         const int64_t row = part(g * group + h);
-        for (int d = lane; d < HD; d += 32) {
+        for (int d = lane; d < HD && n_keys > 0; d += 32) {
             float o = 0.0f;
             for (int j = 0; j < n_keys; ++j) o = fmaf(p[j], v_s[j * HD + d], o);
             parts.out[row * HD + d] = o / l;
         }
         if (lane == 0) parts.max[row] = m, parts.sum[row] = l;
     }
+    // The last of the `splits` blocks of (b, g, i) to finish merges them, so no second kernel is launched: each block
+    // makes its partials visible to the whole GPU (__threadfence) before it counts itself in.
+    __threadfence();
+    __syncthreads();
+    unsigned* arrivals = parts.arrivals + int64_t(blockIdx.z) * s.G + g;
+    if (threadIdx.x == 0) merges = atomicAdd(arrivals, 1u) == unsigned(splits - 1);
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();  // the other blocks' partials are read after their arrivals were counted
+    for (int h = threadIdx.x / 32; h < group; h += decode_threads / 32) {
+        const int64_t row = (int64_t(b) * s.H + g * group + h) * s.Nq + i;
+        merge_splits<HD>(out + row * HD, lse + row, parts, row * splits, splits, weights + h * splits);
+    }
+    if (threadIdx.x == 0) *arrivals = 0;  // ready for the next call
 }
 
-// One block per output row (b, h, i): the merge rule of DESIGN.md §7 over its splits, in log2 units. Thread s first
-// takes split s: m = block max of m_s, weight_s = e^(m_s - m) l_s in shared memory, l = block sum; then thread d sums
-// weight_s O_s[d] over the non-empty splits. The weights are padded with zeros to a multiple of merge_unroll.
-constexpr int merge_unroll = 8;
-
-__global__ void s7_decode_merge_kernel(float* out, float* lse, const DecodePartials parts, const int splits,
-                                       const int hd) {
-    extern __shared__ float weight[];  // [splits rounded up to merge_unroll]
-    __shared__ float scratch[32];
-    const int64_t row = blockIdx.x, first = row * splits;
-    float m = -INFINITY;
-    for (int s = threadIdx.x; s < splits; s += blockDim.x)
-        if (parts.sum[first + s] > 0.0f) m = fmaxf(m, parts.max[first + s]);
-    m = block_max(m, scratch);
-    float l = 0.0f;
-    const int padded = int(ceil_div(splits, merge_unroll)) * merge_unroll;
-    for (int s = threadIdx.x; s < padded; s += blockDim.x) {
-        const bool filled = s < splits && parts.sum[first + s] > 0.0f;
-        weight[s] = filled ? exp2f(parts.max[first + s] - m) * parts.sum[first + s] : 0.0f;
-        l += weight[s];
-    }
-    l = block_sum(l, scratch);  // its barriers also make every weight visible
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float o = 0.0f;
-#pragma unroll merge_unroll  // the loads of eight splits are in flight together
-        for (int s = 0; s < padded; ++s)
-            if (weight[s] > 0.0f) o = fmaf(weight[s], parts.out[(first + s) * hd + d], o);  // empty: nothing written
-        out[row * hd + d] = l > 0.0f ? o / l : 0.0f;  // a row that sees no key gives 0
-    }
-    if (threadIdx.x == 0) lse[row] = l > 0.0f ? (m + log2f(l)) * ln_2 : -INFINITY;
-}
-
-// Q, O [B, H, Nq, hd], LSE [B, H, Nq]; K, V [B, G, .., hd] with heads kv.head_stride apart; Nk = past + Nq.
+// Q, O [B, H, Nq, hd], LSE [B, H, Nq]; K, V [B, G, .., hd] with heads kv.head_stride apart; Nk = past + Nq. With
+// `overlapping`, the kernel is launched to overlap the one before it in `stream` (the decode step of the GPU model).
 void decode_attention(const cudaStream_t stream, float* out, float* lse, const float* q, const float* k,
-                      const float* v, const AttentionShape& s, const SplitKv& kv, DeviceBuffer<float>& workspace) {
+                      const float* v, const AttentionShape& s, const SplitKv& kv, DeviceBuffer<float>& workspace,
+                      const bool overlapping = false) {
     check_attention_shape("7", s);
     check(kv.split_keys >= 1 && kv.capacity >= 1, "stage 7: split_keys and capacity must be positive");
     const int splits = decode_splits(kv);
-    const DecodePartials parts = carve_decode_partials(workspace, int64_t(s.B) * s.H * s.Nq, splits, s.hd);
+    const DecodePartials parts =
+        carve_decode_partials(workspace, int64_t(s.B) * s.H * s.Nq, splits, s.hd, int64_t(s.B) * s.Nq * s.G);
     dispatch_head_size("7", s.hd, [&](auto hd) {
         constexpr int HD = decltype(hd)::value;
-        launch_on(stream, "s7_decode_partial", s7_decode_partial_kernel<HD>, dim3(splits, s.G, s.B * s.Nq),
-                  dim3(decode_threads), decode_smem_bytes(s, kv), parts, q, k, v, s, kv);
+        const dim3 grid(splits, s.G, s.B * s.Nq), block(decode_threads);
+        const size_t smem = decode_smem_bytes(s, kv);
+        if (overlapping)
+            launch_overlapping(stream, "s7_decode", s7_decode_kernel<HD>, grid, block, smem, out, lse, parts, q, k, v,
+                               s, kv);
+        else
+            launch_on(stream, "s7_decode", s7_decode_kernel<HD>, grid, block, smem, out, lse, parts, q, k, v, s, kv);
     });
-    launch_on(stream, "s7_decode_merge", s7_decode_merge_kernel, dim3(s.B * s.H * s.Nq), dim3(decode_threads),
-              sizeof(float) * ceil_div(splits, merge_unroll) * merge_unroll, out,
-              lse, parts, splits, s.hd);
 }
 
 // The stage-table launcher: K, V packed [B, G, Nk, hd], the Nq rows the last Nq keys (as in stages 2-6).
@@ -1869,6 +1959,8 @@ const cudaStream_t model_stream = cudaStreamPerThread;  // ordered with the defa
 
 // x[n, :] = table[tokens[n], :]    tokens [rows] -> x [rows, D]
 __global__ void embedding_kernel(float* x, const float* table, const int* tokens, const int D) {
+    start_next_kernel();
+    wait_for_previous_kernel();
     const float* row = table + int64_t(tokens[blockIdx.x]) * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) x[int64_t(blockIdx.x) * D + d] = row[d];
 }
@@ -1911,36 +2003,16 @@ __global__ void linear_output_kernel(float* out, const float* product, const int
 // same loop, so the norm is ready with the dot product:  w_j . (x r g) = r (w_j . (x g)),  r = 1 / sqrt(mean x^2 + eps).
 // Every weight is read once. The weights do not depend on the kernel before, so a decode step launches each gemv to
 // overlap its predecessor (programmatic dependent launch, sm_90): the kernel lets its own successor start at once,
-// issues the loads of its first weights, and only then waits for the previous kernel's output.
+// loads the first float4s of its weight rows into registers, asks L2 to fetch the rest of the rows (prefetch.global.L2,
+// one request per 128-byte line), and only then waits for the previous kernel's output. The register prefetch is kept
+// small (8 float4s a lane, over one row or two) so that the next kernel's blocks fit beside this one's and can start
+// their own prefetch early; L2 holds the rest. Measured in the decode step (H200, 2026-12-03, L12 D768 model at
+// positions 2-65, 64 graph replays timed): 327 us a token with 16 float4s of one row or 8 of two
+// in registers and no L2 prefetch, 307 us with 128-thread blocks, 299 us with the L2 prefetch, 278 us with both the
+// L2 prefetch and the smaller register prefetch (this code), 288 us with half that register prefetch.
 constexpr int gemv_threads = 256, gemv_warps = gemv_threads / 32;
-constexpr int gemv_prefetch = 8;  // float4 steps of each weight row loaded before waiting for the previous kernel
-
-// Programmatic dependent launch: let the next kernel in the stream start; wait for the previous one to finish and its
-// writes to be visible. Both are no-ops for a kernel launched the ordinary way.
-__device__ void start_next_kernel() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-__device__ void wait_for_previous_kernel() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Launches `kernel` into model_stream so that it may start while the kernel before it is finishing.
-template <typename... KernelArgs, typename... Args>
-void launch_overlapping(const char* name, void (*kernel)(KernelArgs...), const dim3 grid, const dim3 block,
-                        Args&&... args) {
-    cudaLaunchAttribute overlap{};
-    overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    overlap.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = 0, config.stream = model_stream;
-    config.attrs = &overlap, config.numAttrs = 1;
-    const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-    check(status == cudaSuccess, std::string(name) + ": launch failed: " + cudaGetErrorString(status));
-}
+template <bool TWO_ROWS>
+constexpr int gemv_prefetch = TWO_ROWS ? 4 : 8;  // float4 steps of each weight row held in registers before the wait
 
 // One warp's sums over k: w_first . (x g) and w_second . (x g) (g = 1 without a norm), and x . x.
 struct GemvSums {
@@ -1969,19 +2041,24 @@ __device__ GemvSums gemv_sums(const float* w_first, const float* w_second, const
         const float4* x4 = reinterpret_cast<const float4*>(x);
         const float4* g4 = reinterpret_cast<const float4*>(g);
         const int steps = K / 4;
-        float4 a_first[gemv_prefetch] = {}, b_first[gemv_prefetch] = {};
+        constexpr int prefetch = gemv_prefetch<TWO_ROWS>;
+        float4 a_first[prefetch] = {}, b_first[prefetch] = {};
 #pragma unroll
-        for (int p = 0; p < gemv_prefetch; ++p)
+        for (int p = 0; p < prefetch; ++p)
             if (lane + 32 * p < steps) {
                 a_first[p] = __ldg(w1 + lane + 32 * p);
                 if constexpr (TWO_ROWS) b_first[p] = __ldg(w2 + lane + 32 * p);
             }
+        for (int line = 4 * prefetch + lane; line < (steps + 7) / 8; line += 32) {  // 8 float4s a line
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(w1 + 8 * line));
+            if constexpr (TWO_ROWS) asm volatile("prefetch.global.L2 [%0];" ::"l"(w2 + 8 * line));
+        }
         wait_for_previous_kernel();
 #pragma unroll
-        for (int p = 0; p < gemv_prefetch; ++p)
+        for (int p = 0; p < prefetch; ++p)
             if (lane + 32 * p < steps) gemv_step<TWO_ROWS>(sums, a_first[p], b_first[p], x4[lane + 32 * p], g4, lane + 32 * p);
 #pragma unroll 4
-        for (int k = lane + 32 * gemv_prefetch; k < steps; k += 32)
+        for (int k = lane + 32 * prefetch; k < steps; k += 32)
             gemv_step<TWO_ROWS>(sums, __ldg(w1 + k), TWO_ROWS ? __ldg(w2 + k) : float4{}, x4[k], g4, k);
     } else {
         wait_for_previous_kernel();
@@ -2020,9 +2097,16 @@ __global__ void __launch_bounds__(gemv_threads)
 // ---- RoPE and the split into heads ----
 // qkv [B*T, (H + 2G) hd] (the q, k and v projections side by side) -> q [B, H, T, hd], k, v [B, G, T, hd], with RoPE
 // (DESIGN.md §3, rotate-half) on q and k at position past + t. With a cache, k and v also go to the cache rows
-// past + t ([G, max_T, hd]); k_out and v_out may then be null. One block per row; thread e handles the pair
-// (i, i + hd/2) of one head. cos a and sin a come from a table [T, hd/2] made once on the CPU, exactly as gpt.cpp
-// makes its own (angle in double, rounded to float), so both rotate by the same numbers.
+// past + t ([G, max_T, hd]). One block per row; thread e handles the pair (i, i + hd/2) of one head, a rotation by the
+// angle a = position theta^(-2i/hd). cos a and sin a come from a table [T, hd/2] made once on the CPU, exactly as
+// gpt.cpp makes its own (angle in double, rounded to float), so both rotate by the same numbers.
+__device__ void rope_rotate(float& first, float& second, const float* rope_cos, const float* rope_sin,
+                            const int position, const int i, const int half) {
+    const float c = rope_cos[int64_t(position) * half + i], s = rope_sin[int64_t(position) * half + i];
+    const float rotated_first = first * c - second * s;
+    second = second * c + first * s, first = rotated_first;
+}
+
 __global__ void split_heads_rope_kernel(float* q_out, float* k_out, float* v_out, float* cache_k, float* cache_v,
                                         const float* qkv, const int T, const int H, const int G, const int hd,
                                         const float* rope_cos, const float* rope_sin, const int max_T,
@@ -2033,25 +2117,52 @@ __global__ void split_heads_rope_kernel(float* q_out, float* k_out, float* v_out
     for (int e = threadIdx.x; e < (H + 2 * G) * half; e += blockDim.x) {
         const int head = e / half, i = e % half;
         float first = row[head * hd + i], second = row[head * hd + i + half];
-        if (head < H + G) {
-            const float c = rope_cos[int64_t(position) * half + i], s = rope_sin[int64_t(position) * half + i];
-            const float rotated_first = first * c - second * s;
-            second = second * c + first * s, first = rotated_first;
-        }
-        float* dst = nullptr;
+        if (head < H + G) rope_rotate(first, second, rope_cos, rope_sin, position, i, half);
+        float* dst = q_out + ((int64_t(b) * H + head) * T + t) * hd;
         float* cache = nullptr;
-        if (head < H) {
-            dst = q_out + ((int64_t(b) * H + head) * T + t) * hd;
-        } else {
+        if (head >= H) {
             const int g = (head - H) % G;
             const bool key = head < H + G;
-            float* packed = key ? k_out : v_out;
-            if (packed) dst = packed + ((int64_t(b) * G + g) * T + t) * hd;
-            if (key ? cache_k : cache_v) cache = (key ? cache_k : cache_v) + (int64_t(g) * max_T + position) * hd;
+            dst = (key ? k_out : v_out) + ((int64_t(b) * G + g) * T + t) * hd;
+            if (cache_k) cache = (key ? cache_k : cache_v) + (int64_t(g) * max_T + position) * hd;
         }
-        if (dst) dst[i] = first, dst[i + half] = second;
+        dst[i] = first, dst[i + half] = second;
         if (cache) cache[i] = first, cache[i + half] = second;
     }
+}
+
+// A decode step does all of the above in the epilogue of its q, k, v gemv: warp p computes the two outputs (i, i + hd/2)
+// of one head (the two-row gemv of the SwiGLU), rotates them, and writes q, or the new row of the K or V cache, so no
+// kernel runs between the projection and the attention.   x [D], w [(H + 2G) hd, D] -> q [H, hd], cache rows
+struct RopeTargets {
+    float* q;        // [H, hd]
+    float* cache_k;  // [G, max_T, hd], this layer's
+    float* cache_v;
+    const float* rope_cos;
+    const float* rope_sin;
+    const int* position;  // the filled length of the cache, on the device
+    int H, G, hd, max_T;
+};
+
+template <bool VECTOR>
+__global__ void __launch_bounds__(gemv_threads)
+    qkv_rope_gemv_kernel(const RopeTargets to, const float* w, const float* x, const float* norm_weight, const float eps,
+                         const int K) {
+    start_next_kernel();
+    const int half = to.hd / 2, pair = blockIdx.x * gemv_warps + threadIdx.x / 32;
+    if (pair >= (to.H + 2 * to.G) * half) return;
+    const int head = pair / half, i = pair % half;
+    const int64_t row = int64_t(head) * to.hd + i;
+    const GemvSums sums = gemv_sums<VECTOR, true>(w + row * K, w + (row + half) * K, x, norm_weight, K);
+    if (threadIdx.x % 32 != 0) return;
+    const float r = 1.0f / sqrtf(sums.squares / K + eps);
+    float first = r * sums.first, second = r * sums.second;
+    const int position = *to.position;
+    if (head < to.H + to.G) rope_rotate(first, second, to.rope_cos, to.rope_sin, position, i, half);
+    const bool query = head < to.H, key = head < to.H + to.G;
+    float* dst = query ? to.q + int64_t(head) * to.hd
+                       : (key ? to.cache_k : to.cache_v) + (int64_t((head - to.H) % to.G) * to.max_T + position) * to.hd;
+    dst[i] = first, dst[i + half] = second;
 }
 
 // attended [B, H, T, hd] -> rows [B*T, H*hd] (heads side by side again, for o_proj)
@@ -2074,7 +2185,11 @@ __global__ void cross_entropy_kernel(float* losses, const float* logits, const i
     if (threadIdx.x == 0) losses[blockIdx.x] = m + logf(sum) - row[targets[blockIdx.x]];
 }
 
-__global__ void advance_kernel(int* length, const int T) { *length += T; }
+__global__ void advance_kernel(int* length, const int T) {
+    start_next_kernel();
+    wait_for_previous_kernel();  // the kernels before have read the length
+    *length += T;
+}
 
 // ---- Mixture of experts (DESIGN.md §3): routing, and the chosen experts of one row ----
 // route_kernel, one thread per row n (E is small): router logits r = logits[n, :] give the scores s_e = sigmoid(r_e)
@@ -2217,6 +2332,8 @@ struct GpuActivations {
     DeviceBuffer<float> losses;         // [rows]
     DeviceBuffer<float> attention_scratch;  // the many-row stage's workspace (stage 2: S; stage 4: m, l)
     DeviceBuffer<float> decode_partials;    // stage 7's partial results in a decode step (fixed: graphs hold it)
+    PinnedArray<int> decode_token;          // [1] the decode step's input token, on the host
+    PinnedArray<float> decode_logits;       // [V] and its logits
 };
 
 struct GpuModel {
@@ -2377,7 +2494,8 @@ GpuModel upload_model(const Model& model, const std::string& stage_id, const int
     // A decode step's stage-7 partials, allocated now so that the captured graph keeps valid addresses.
     SplitKv kv;
     kv.capacity = c.context, kv.split_keys = decode_split_keys;
-    reserve(w.decode_partials, size_t(H) * decode_splits(kv) * (hd + 2));
+    carve_decode_partials(w.decode_partials, H, decode_splits(kv), hd, G);
+    w.decode_token = pinned_array<int>(1), w.decode_logits = pinned_array<float>(c.vocab_size);
     return gpu;
 }
 
@@ -2399,7 +2517,7 @@ void linear(GpuModel& model, float* out, const float* x, const float* w, const f
     if (rows == 1) {
         const bool vector = float4_ok(w, K) && float4_ok(x, K) && (!norm_weight || float4_ok(norm_weight, K));
         const auto run = [&](auto kernel) {
-            launch_overlapping("gemv", kernel, dim3(ceil_div(N, gemv_warps)), dim3(gemv_threads), out, w, x,
+            launch_overlapping(model_stream, "gemv", kernel, dim3(ceil_div(N, gemv_warps)), dim3(gemv_threads), 0, out, w, x,
                                norm_weight, eps, N, K);
         };
         if (mode == LinearOutput::store) vector ? run(gemv_kernel<LinearOutput::store, true>) : run(gemv_kernel<LinearOutput::store, false>);
@@ -2428,38 +2546,44 @@ void linear(GpuModel& model, float* out, const float* x, const float* w, const f
 
 // x = x + o_proj(attention(rope(q), rope(k), v)) with q, k, v from rms_norm(x). With a cache (B = 1), the new keys and
 // values go to it; a prompt at position 0 attends with the chosen stage, a decode step with stage 7 over the cache.
+// A decode step is three kernels, each launched to overlap the one before: the q, k, v gemv with RoPE and the cache
+// write in its epilogue, stage 7, and the o_proj gemv.
 void attention_block(GpuModel& model, const GpuLayer& layer, const int layer_index, const int B, const int T,
                      GpuKvCache* cache) {
     const ModelConfig& c = model.config;
     GpuActivations& w = model.work;
     const int rows = B * T, H = c.n_heads, G = c.n_kv_heads, hd = c.head_dim();
-    linear(model, w.qkv.data, w.x.data, layer.wqkv.data, layer.attn_norm.data, rows, c.dim, (H + 2 * G) * hd,
-           LinearOutput::store);
-    const bool decode = cache && T == 1;
     const size_t cache_offset = cache ? size_t(layer_index) * G * cache->max_T * hd : 0;
     float* cache_k = cache ? cache->keys.data + cache_offset : nullptr;
     float* cache_v = cache ? cache->values.data + cache_offset : nullptr;
-    launch_on(model_stream, "split_heads_rope", split_heads_rope_kernel, dim3(rows), dim3(128), 0, w.q.data,
-              decode ? nullptr : w.k.data, decode ? nullptr : w.v.data, cache_k, cache_v, w.qkv.data, T, H, G, hd,
-              model.rope_cos.data, model.rope_sin.data, cache ? cache->max_T : 0,
-              cache ? cache->length_on_device.data : nullptr);
     AttentionShape shape;
     shape.B = B, shape.H = H, shape.G = G, shape.Nq = T, shape.Nk = T, shape.hd = hd, shape.causal = true;
-    const float* attended_rows = w.attended_rows.data;
-    if (decode) {  // [H, 1, hd] is already the row [1, H hd]
+    if (cache && T == 1) {  // [H, 1, hd] is already the row [1, H hd]
+        const RopeTargets to{w.q.data, cache_k,      cache_v, model.rope_cos.data, model.rope_sin.data,
+                             cache->length_on_device.data, H,  G,       hd,       cache->max_T};
+        const bool vector = float4_ok(layer.wqkv.data, c.dim) && float4_ok(w.x.data, c.dim) &&
+                            float4_ok(layer.attn_norm.data, c.dim);
+        launch_overlapping(model_stream, "qkv_rope_gemv", vector ? qkv_rope_gemv_kernel<true> : qkv_rope_gemv_kernel<false>,
+                           dim3(ceil_div((H + 2 * G) * hd / 2, gemv_warps)), dim3(gemv_threads), 0, to, layer.wqkv.data,
+                           w.x.data, layer.attn_norm.data, c.norm_eps, c.dim);
         SplitKv kv;
         kv.head_stride = int64_t(cache->max_T) * hd, kv.capacity = cache->max_T, kv.split_keys = decode_split_keys;
         kv.past_on_device = cache->length_on_device.data;
         decode_attention(model_stream, w.attended.data, w.lse.data, w.q.data, cache_k, cache_v, shape, kv,
-                         w.decode_partials);
-        attended_rows = w.attended.data;
-    } else {
-        model.attention_stage->attention(w.attended.data, w.lse.data, w.q.data, w.k.data, w.v.data, shape,
-                                         w.attention_scratch);
-        launch_on(model_stream, "merge_heads", merge_heads_kernel, dim3(rows), dim3(128), 0, w.attended_rows.data,
-                  w.attended.data, T, H, hd);
+                         w.decode_partials, true);
+        linear(model, w.x.data, w.attended.data, layer.wo.data, nullptr, rows, H * hd, c.dim, LinearOutput::add);
+        return;
     }
-    linear(model, w.x.data, attended_rows, layer.wo.data, nullptr, rows, H * hd, c.dim, LinearOutput::add);
+    linear(model, w.qkv.data, w.x.data, layer.wqkv.data, layer.attn_norm.data, rows, c.dim, (H + 2 * G) * hd,
+           LinearOutput::store);
+    launch_on(model_stream, "split_heads_rope", split_heads_rope_kernel, dim3(rows), dim3(128), 0, w.q.data, w.k.data,
+              w.v.data, cache_k, cache_v, w.qkv.data, T, H, G, hd, model.rope_cos.data, model.rope_sin.data,
+              cache ? cache->max_T : 0, cache ? cache->length_on_device.data : nullptr);
+    model.attention_stage->attention(w.attended.data, w.lse.data, w.q.data, w.k.data, w.v.data, shape,
+                                     w.attention_scratch);
+    launch_on(model_stream, "merge_heads", merge_heads_kernel, dim3(rows), dim3(128), 0, w.attended_rows.data,
+              w.attended.data, T, H, hd);
+    linear(model, w.x.data, w.attended_rows.data, layer.wo.data, nullptr, rows, H * hd, c.dim, LinearOutput::add);
 }
 
 // x = x + down_proj(silu(gate_proj(h)) * up_proj(h)) with h = rms_norm(x) when norm_weight is given, else h = x:
@@ -2530,12 +2654,12 @@ void run_chosen_experts(GpuModel& model, const GpuLayer& layer) {
     const bool vector = float4_ok(layer.experts_gate_up.data, D) && float4_ok(layer.experts_down.data, Fe) &&
                         float4_ok(w.normed.data, D) && float4_ok(w.expert_hidden.data, Fe);
     const dim3 block(gemv_threads), swiglu_grid(ceil_div(Fe, gemv_warps), K), down_grid(ceil_div(D, gemv_warps));
-    launch_overlapping("chosen_experts_swiglu",
+    launch_overlapping(model_stream, "chosen_experts_swiglu",
                        vector ? chosen_experts_swiglu_kernel<true> : chosen_experts_swiglu_kernel<false>, swiglu_grid,
-                       block, w.expert_hidden.data, layer.experts_gate_up.data, w.normed.data, w.chosen.data, Fe, D);
-    launch_overlapping("chosen_experts_down",
+                       block, 0, w.expert_hidden.data, layer.experts_gate_up.data, w.normed.data, w.chosen.data, Fe, D);
+    launch_overlapping(model_stream, "chosen_experts_down",
                        vector ? chosen_experts_down_kernel<true> : chosen_experts_down_kernel<false>, down_grid,
-                       block, w.x.data, layer.experts_down.data, w.expert_hidden.data, w.chosen.data, w.gates.data, K,
+                       block, 0, w.x.data, layer.experts_down.data, w.expert_hidden.data, w.chosen.data, w.gates.data, K,
                        Fe, D);
 }
 
@@ -2574,8 +2698,8 @@ void gpu_forward(GpuModel& model, const int B, const int T, GpuKvCache* cache) {
     check(past + T <= c.context, "positions up to " + std::to_string(past + T) +
                                      " do not fit the model's context of " + std::to_string(c.context));
     GpuActivations& w = model.work;
-    launch_on(model_stream, "embedding", embedding_kernel, dim3(rows), dim3(256), 0, w.x.data, model.embed.data,
-              w.tokens.data, c.dim);
+    launch_overlapping(model_stream, "embedding", embedding_kernel, dim3(rows), dim3(256), 0, w.x.data,
+                       model.embed.data, w.tokens.data, c.dim);
     for (size_t l = 0; l < model.layers.size(); ++l) {
         attention_block(model, model.layers[l], int(l), B, T, cache);
         if (c.is_moe_layer(int(l)))
@@ -2583,28 +2707,36 @@ void gpu_forward(GpuModel& model, const int B, const int T, GpuKvCache* cache) {
         else
             dense_ffn(model, model.layers[l], rows);
     }
-    if (cache) launch_on(model_stream, "advance", advance_kernel, dim3(1), dim3(1), 0, cache->length_on_device.data, T);
+    if (cache)
+        launch_overlapping(model_stream, "advance", advance_kernel, dim3(1), dim3(1), 0, cache->length_on_device.data, T);
     const float* head = c.tie_embeddings ? model.embed.data : model.lm_head.data;
     linear(model, w.logits.data, w.x.data, head, model.final_norm.data, rows, c.dim, c.vocab_size, LinearOutput::store);
 }
 
-// Token ids go to the device after the CPU engine's own check.
-void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens, const int V) {
+// Token ids are checked against the vocabulary before they go to the device.
+void check_token_ids(const std::span<const int> tokens, const int V) {
     for (const int token : tokens)
         check(token >= 0 && token < V, "token id " + std::to_string(token) + " is outside the vocabulary");
+}
+void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens, const int V) {
+    check_token_ids(tokens, V);
     CUDA_CHECK(cudaMemcpyAsync(buffer.data, tokens.data(), tokens.size_bytes(), cudaMemcpyHostToDevice, model_stream));
 }
 
 // ==== GPU model: inference and evaluation ====
 // prefill and decode_step as in gpt.cpp §11, so gpt.cpp's generate and prefill_prompt run on the GPU unchanged. A
-// decode step's 7 kernels per layer are short (a D x D gemv reads 2.4 MB: under a microsecond at 3 TB/s), so
-// launching them one by one from the CPU would cost more than running them: the first decode step of a state is
-// captured into a CUDA graph, and every step replays it (its kernels read the position from the device).
-// Measured (H100, 2026-11-24, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): decode 0.387 ms a
-// token at positions 2-65 and 0.517 ms at 4032-4095, 27% and 26% of the bandwidth limit (309 and 408 MB read a token
-// at the measured 2979 GB/s); the first version, kernels without the PDL overlap, with the norm in a block-wide
-// prologue and RoPE angles in double on the GPU, took 0.550 ms (19%). The rest is kernel boundaries: ~87 kernels a
-// token, each a few microseconds of launch and ramp for 1-13 MB of data. Prefill of 4096 tokens: 33.7 ms (stage 6).
+// decode step's kernels are short (a D x D gemv reads 2.4 MB: half a microsecond at 4.8 TB/s), so launching them one
+// by one from the CPU would cost more than running them: the first decode step of a state is captured into a CUDA
+// graph, with the copy of the token in and of the logits out (through page-locked host memory), and every step replays
+// it (its kernels read the position from the device). Five kernels a layer, each launched to overlap the one before:
+// the q, k, v gemv with RoPE and the cache write, stage 7, the o_proj gemv, the [gate; up] gemv with SwiGLU, the down
+// gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.285 ms a
+// token at positions 2-65 and 0.360 ms at 4032-4095, 26% and 27% of the bandwidth limit (309 and 408 MB read a token
+// at the measured 4162 GB/s). The same bench that morning, before RoPE moved into the gemv, the merge into stage 7's
+// last block, the copies into the graph and the L2 prefetch into the gemv: 0.366 and 0.491 ms (20%). On the H100
+// (3 TB/s) the first version, seven kernels a layer, took 0.387 ms (27%). What is left is the chain of 63 dependent
+// kernels: each waits for the one before, reads its input from L2 and hands over, a few microseconds for 1-13 MB.
+// Prefill of 4096 tokens: 33.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.
 struct CudaGraph {
@@ -2663,12 +2795,19 @@ void decode_step(GpuModel& model, GpuInferenceState& state, const int token) {
     check(state.cache.length < model.config.context, "positions up to " + std::to_string(state.cache.length + 1) +
                                                          " do not fit the model's context of " +
                                                          std::to_string(model.config.context));
-    upload_tokens(model.work.tokens, std::span<const int>(&token, 1), model.config.vocab_size);
+    const int V = model.config.vocab_size;
+    check_token_ids(std::span<const int>(&token, 1), V);
+    GpuActivations& w = model.work;
+    w.decode_token[0] = token;
     if (!state.decode_graph.exec) {
         cudaGraph_t graph = nullptr;
         CUDA_CHECK(cudaStreamBeginCapture(model_stream, cudaStreamCaptureModeThreadLocal));
         try {
+            CUDA_CHECK(cudaMemcpyAsync(w.tokens.data, w.decode_token.get(), sizeof(int), cudaMemcpyHostToDevice,
+                                       model_stream));
             gpu_forward(model, 1, 1, &state.cache);
+            CUDA_CHECK(cudaMemcpyAsync(w.decode_logits.get(), w.logits.data, sizeof(float) * V, cudaMemcpyDeviceToHost,
+                                       model_stream));
         } catch (const Error&) {
             cudaStreamEndCapture(model_stream, &graph);
             if (graph) cudaGraphDestroy(graph);
@@ -2680,8 +2819,9 @@ void decode_step(GpuModel& model, GpuInferenceState& state, const int token) {
         CUDA_CHECK(status);
     }
     CUDA_CHECK(cudaGraphLaunch(state.decode_graph.exec, model_stream));
+    CUDA_CHECK(cudaStreamSynchronize(model_stream));
     state.cache.length += 1;
-    download_last_logits(model, state, 1);
+    state.logits.assign(w.decode_logits.get(), w.decode_logits.get() + V);
 }
 
 // The expert loads that route_kernel counts on the device: zeroed, then read into an EvalResult as gpt.cpp's
