@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <array>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -939,10 +940,32 @@ Tensor& mul(Tape& tape, Tensor& a, Tensor& b) {
     return out;
 }
 
+// ---- Exponential ----
+// e^x for the ops' inner loops. std::exp is a library call per element, which the compiler cannot vectorise;
+// this is plain arithmetic, which it can. With n = round(x / ln 2) and r = x - n ln 2 (|r| <= ln2 / 2, ln 2 in
+// two parts so that r is exact), e^x = 2^n e^r: e^r is Cephes' degree-6 polynomial of expf and 2^n is written
+// into a float's exponent bits. Relative error below 1e-7 (std::exp's float is 6e-8). x is clamped to [-87, 88],
+// where e^x is a normal float: below -87 the result is 0, above 88 it is e^88; NaN stays NaN.
+inline float fast_exp(const float x) {
+    constexpr float round_shift = 0x1.8p23f;  // adding 1.5 * 2^23 rounds to an integer, kept in the low mantissa bits
+    const float clamped = std::clamp(x, -87.0f, 88.0f);
+    const float shifted = clamped * std::numbers::log2e_v<float> + round_shift;
+    const float n = shifted - round_shift;
+    const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float two_to_n = std::bit_cast<float>((std::bit_cast<uint32_t>(shifted) + 127u) << 23);
+    return x < -87.0f ? 0.0f : (p * r * r + r + 1.0f) * two_to_n;
+}
+
 // ---- SiLU ----
 // silu(z) = z * sigmoid(z);  silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))).  Saves sigmoid(z) for backward,
 // so that the exponential is computed once per element and step.
-float sigmoid(const float z) { return 1.0f / (1.0f + std::exp(-z)); }
+float sigmoid(const float z) { return 1.0f / (1.0f + fast_exp(-z)); }
 
 void silu_forward(std::span<float> out, std::span<float> sigmoid_x, std::span<const float> x) {
     parallel_rows(static_cast<int>(out.size()), 20.0, [&](int begin, int end) {
@@ -1053,7 +1076,7 @@ void cross_entropy_backward(std::span<float> dlogits, const float dloss, std::sp
     parallel_rows(N, 4.0 * V, [&](int begin, int end) {
         for (int n = begin; n < end; ++n)
             for (int v = 0; v < V; ++v) {
-                const float p = std::exp(logits[size_t(n) * V + v] - lse[n]);
+                const float p = fast_exp(logits[size_t(n) * V + v] - lse[n]);
                 dlogits[size_t(n) * V + v] += dloss * (p - (v == targets[n] ? 1.0f : 0.0f)) / N;
             }
     });
@@ -1181,7 +1204,8 @@ void attention_softmax(std::span<float> scores, std::span<float> lse, const floa
         const int last = attention_last_key(i, Nq, Nk, causal);
         float max = -std::numeric_limits<float>::infinity(), sum = 0.0f;
         for (int j = 0; j <= last; ++j) max = std::max(max, row[j] * scale);
-        for (int j = 0; j <= last; ++j) sum += row[j] = std::exp(row[j] * scale - max);
+        for (int j = 0; j <= last; ++j) row[j] = fast_exp(row[j] * scale - max);
+        for (int j = 0; j <= last; ++j) sum += row[j];
         for (int j = 0; j <= last; ++j) row[j] /= sum;
         std::fill(row + std::max(0, last + 1), row + Nk, 0.0f);
         lse[i] = last < 0 ? -std::numeric_limits<float>::infinity() : max + std::log(sum);
@@ -1194,7 +1218,7 @@ void attention_probabilities(std::span<float> scores, std::span<const float> lse
     for (int i = 0; i < Nq; ++i) {
         float* row = &scores[size_t(i) * Nk];
         const int last = attention_last_key(i, Nq, Nk, causal);
-        for (int j = 0; j <= last; ++j) row[j] = std::exp(row[j] * scale - lse[i]);
+        for (int j = 0; j <= last; ++j) row[j] = fast_exp(row[j] * scale - lse[i]);
         std::fill(row + std::max(0, last + 1), row + Nk, 0.0f);
     }
 }
@@ -1475,7 +1499,7 @@ void expert_scores_forward(std::span<float> scores, std::span<const float> logit
         }
         const float max = *std::max_element(r, r + E);
         float sum = 0.0f;
-        for (int e = 0; e < E; ++e) sum += s[e] = std::exp(r[e] - max);
+        for (int e = 0; e < E; ++e) sum += s[e] = fast_exp(r[e] - max);
         for (int e = 0; e < E; ++e) s[e] /= sum;
     }
 }
