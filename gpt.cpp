@@ -764,21 +764,33 @@ constexpr int simd_floats = 16;
 constexpr int simd_floats = 8;
 #endif
 
-// ---- Dot product ----
-// sum_i a_i b_i, accumulated in dot_lanes independent partial sums that are added at the end. The lanes let
-// the compiler use vector FMAs (a single running sum would force one addition after another), and the order
-// of the additions is fixed, so the result is the same on every run.
-constexpr int dot_lanes = simd_floats;
+// ---- Reductions: dot product, sum, maximum ----
+// A reduction of n values is kept in reduction_lanes independent partial results, combined pairwise at the end.
+// The lanes let the compiler use vector instructions (a single running sum would force one addition after
+// another), and the order of the operations is fixed, so the result is the same on every run.
+constexpr int reduction_lanes = simd_floats;
+
+template <typename Value, typename Combine>
+float reduce(const int n, const float identity, const Value& value, const Combine& combine) {
+    float lanes[reduction_lanes];
+    std::fill_n(lanes, reduction_lanes, identity);
+    int i = 0;
+    for (; i + reduction_lanes <= n; i += reduction_lanes)
+        for (int l = 0; l < reduction_lanes; ++l) lanes[l] = combine(lanes[l], value(i + l));
+    for (int l = 0; i < n; ++i, ++l) lanes[l] = combine(lanes[l], value(i));
+    for (int width = reduction_lanes / 2; width > 0; width /= 2)  // combine the lanes pairwise: a tree, not a chain
+        for (int l = 0; l < width; ++l) lanes[l] = combine(lanes[l], lanes[l + width]);
+    return lanes[0];
+}
 
 float dot(const float* a, const float* b, const int n) {
-    float lanes[dot_lanes] = {};
-    int i = 0;
-    for (; i + dot_lanes <= n; i += dot_lanes)
-        for (int l = 0; l < dot_lanes; ++l) lanes[l] += a[i + l] * b[i + l];
-    for (int l = 0; i < n; ++i, ++l) lanes[l] += a[i] * b[i];
-    for (int width = dot_lanes / 2; width > 0; width /= 2)  // add the lanes pairwise: a tree, not a chain
-        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-    return lanes[0];
+    return reduce(n, 0.0f, [&](const int i) { return a[i] * b[i]; }, std::plus<float>());
+}
+float sum_of(const float* x, const int n) {
+    return reduce(n, 0.0f, [&](const int i) { return x[i]; }, std::plus<float>());
+}
+float max_of(const float* x, const int n) {
+    return reduce(n, -std::numeric_limits<float>::infinity(), [&](const int i) { return x[i]; }, [](const float a, const float b) { return std::max(a, b); });
 }
 
 // ---- Matrix multiplication ----
@@ -1213,10 +1225,9 @@ void attention_softmax(std::span<float> scores, std::span<float> lse, const floa
     for (int i = 0; i < Nq; ++i) {
         float* row = &scores[size_t(i) * Nk];
         const int last = attention_last_key(i, Nq, Nk, causal);
-        float max = -std::numeric_limits<float>::infinity(), sum = 0.0f;
-        for (int j = 0; j <= last; ++j) max = std::max(max, row[j] * scale);
+        const float max = max_of(row, last + 1) * scale;  // scale > 0, so this is the largest of row[j] * scale
         for (int j = 0; j <= last; ++j) row[j] = fast_exp(row[j] * scale - max);
-        for (int j = 0; j <= last; ++j) sum += row[j];
+        const float sum = sum_of(row, last + 1);
         for (int j = 0; j <= last; ++j) row[j] /= sum;
         std::fill(row + std::max(0, last + 1), row + Nk, 0.0f);
         lse[i] = last < 0 ? -std::numeric_limits<float>::infinity() : max + std::log(sum);
