@@ -790,7 +790,8 @@ float sum_of(const float* x, const int n) {
     return reduce(n, 0.0f, [&](const int i) { return x[i]; }, std::plus<float>());
 }
 float max_of(const float* x, const int n) {
-    return reduce(n, -std::numeric_limits<float>::infinity(), [&](const int i) { return x[i]; }, [](const float a, const float b) { return std::max(a, b); });
+    const auto larger = [](const float a, const float b) { return std::max(a, b); };
+    return reduce(n, -std::numeric_limits<float>::infinity(), [&](const int i) { return x[i]; }, larger);
 }
 
 // ---- Matrix multiplication ----
@@ -1203,11 +1204,11 @@ Tensor& rope(Tape& tape, Tensor& x, const int pos0, const float theta) {
 // Causal rows see keys j <= i + Nk - Nq (the ends aligned, so Nq new tokens after Nk - Nq cached ones see
 // everything before them); masked entries of P are 0. lse_i = log sum_j e^{S_ij} is saved instead of P:
 // backward recomputes P_ij = e^{S_ij - lse_i}, as flash attention does. A row that sees no key gives o = 0 and
-// lse = -inf. S and P are materialised per head ([Nq, Nk], fine on the CPU); gpt_cuda.cu shows how to avoid that.
-// The queries are taken in blocks of attention_block_rows rows, and a block only computes the columns of S up to
-// the last key its last row sees: the masked upper triangle is skipped block by block (3/8 of the work at
-// Nq = Nk = 128). Within a block the causal rule with the ends aligned is the same rule, so the block is
-// attended as Nq = rows queries to Nk = keys keys.
+// lse = -inf. The queries are taken in blocks of attention_block_rows rows, and a block only computes the columns
+// of S up to the last key its last row sees: the masked upper triangle is skipped block by block (3/8 of the work
+// at Nq = Nk = 128). Within a block the causal rule with the ends aligned is the same rule, so the block is
+// attended as Nq = rows queries to Nk = keys keys. S and P are materialised per block ([rows, keys], fine on the
+// CPU); gpt_cuda.cu shows how to avoid that.
 constexpr int attention_block_rows = 32;
 
 int attention_last_key(const int i, const int Nq, const int Nk, const bool causal) {
