@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <array>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -763,21 +764,34 @@ constexpr int simd_floats = 16;
 constexpr int simd_floats = 8;
 #endif
 
-// ---- Dot product ----
-// sum_i a_i b_i, accumulated in dot_lanes independent partial sums that are added at the end. The lanes let
-// the compiler use vector FMAs (a single running sum would force one addition after another), and the order
-// of the additions is fixed, so the result is the same on every run.
-constexpr int dot_lanes = simd_floats;
+// ---- Reductions: dot product, sum, maximum ----
+// A reduction of n values is kept in reduction_lanes independent partial results, combined pairwise at the end.
+// The lanes let the compiler use vector instructions (a single running sum would force one addition after
+// another), and the order of the operations is fixed, so the result is the same on every run.
+constexpr int reduction_lanes = simd_floats;
+
+template <typename Value, typename Combine>
+float reduce(const int n, const float identity, const Value& value, const Combine& combine) {
+    float lanes[reduction_lanes];
+    std::fill_n(lanes, reduction_lanes, identity);
+    int i = 0;
+    for (; i + reduction_lanes <= n; i += reduction_lanes)
+        for (int l = 0; l < reduction_lanes; ++l) lanes[l] = combine(lanes[l], value(i + l));
+    for (int l = 0; i < n; ++i, ++l) lanes[l] = combine(lanes[l], value(i));
+    for (int width = reduction_lanes / 2; width > 0; width /= 2)  // combine the lanes pairwise: a tree, not a chain
+        for (int l = 0; l < width; ++l) lanes[l] = combine(lanes[l], lanes[l + width]);
+    return lanes[0];
+}
 
 float dot(const float* a, const float* b, const int n) {
-    float lanes[dot_lanes] = {};
-    int i = 0;
-    for (; i + dot_lanes <= n; i += dot_lanes)
-        for (int l = 0; l < dot_lanes; ++l) lanes[l] += a[i + l] * b[i + l];
-    for (int l = 0; i < n; ++i, ++l) lanes[l] += a[i] * b[i];
-    for (int width = dot_lanes / 2; width > 0; width /= 2)  // add the lanes pairwise: a tree, not a chain
-        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-    return lanes[0];
+    return reduce(n, 0.0f, [&](const int i) { return a[i] * b[i]; }, std::plus<float>());
+}
+float sum_of(const float* x, const int n) {
+    return reduce(n, 0.0f, [&](const int i) { return x[i]; }, std::plus<float>());
+}
+float max_of(const float* x, const int n) {
+    const auto larger = [](const float a, const float b) { return std::max(a, b); };
+    return reduce(n, -std::numeric_limits<float>::infinity(), [&](const int i) { return x[i]; }, larger);
 }
 
 // ---- Matrix multiplication ----
@@ -939,10 +953,32 @@ Tensor& mul(Tape& tape, Tensor& a, Tensor& b) {
     return out;
 }
 
+// ---- Exponential ----
+// e^x for the ops' inner loops. std::exp is a library call per element, which the compiler cannot vectorise;
+// this is plain arithmetic, which it can. With n = round(x / ln 2) and r = x - n ln 2 (|r| <= ln2 / 2, ln 2 in
+// two parts so that r is exact), e^x = 2^n e^r: e^r is Cephes' degree-6 polynomial of expf and 2^n is written
+// into a float's exponent bits. Relative error below 1e-7 (std::exp's float is 6e-8). x is clamped to [-87, 88],
+// where e^x is a normal float: below -87 the result is 0, above 88 it is e^88; NaN stays NaN.
+inline float fast_exp(const float x) {
+    constexpr float round_shift = 0x1.8p23f;  // adding 1.5 * 2^23 rounds to an integer, kept in the low mantissa bits
+    const float clamped = std::clamp(x, -87.0f, 88.0f);
+    const float shifted = clamped * std::numbers::log2e_v<float> + round_shift;
+    const float n = shifted - round_shift;
+    const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float two_to_n = std::bit_cast<float>((std::bit_cast<uint32_t>(shifted) + 127u) << 23);
+    return x < -87.0f ? 0.0f : (p * r * r + r + 1.0f) * two_to_n;
+}
+
 // ---- SiLU ----
 // silu(z) = z * sigmoid(z);  silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))).  Saves sigmoid(z) for backward,
 // so that the exponential is computed once per element and step.
-float sigmoid(const float z) { return 1.0f / (1.0f + std::exp(-z)); }
+float sigmoid(const float z) { return 1.0f / (1.0f + fast_exp(-z)); }
 
 void silu_forward(std::span<float> out, std::span<float> sigmoid_x, std::span<const float> x) {
     parallel_rows(static_cast<int>(out.size()), 20.0, [&](int begin, int end) {
@@ -1053,7 +1089,7 @@ void cross_entropy_backward(std::span<float> dlogits, const float dloss, std::sp
     parallel_rows(N, 4.0 * V, [&](int begin, int end) {
         for (int n = begin; n < end; ++n)
             for (int v = 0; v < V; ++v) {
-                const float p = std::exp(logits[size_t(n) * V + v] - lse[n]);
+                const float p = fast_exp(logits[size_t(n) * V + v] - lse[n]);
                 dlogits[size_t(n) * V + v] += dloss * (p - (v == targets[n] ? 1.0f : 0.0f)) / N;
             }
     });
@@ -1168,9 +1204,20 @@ Tensor& rope(Tape& tape, Tensor& x, const int pos0, const float theta) {
 // Causal rows see keys j <= i + Nk - Nq (the ends aligned, so Nq new tokens after Nk - Nq cached ones see
 // everything before them); masked entries of P are 0. lse_i = log sum_j e^{S_ij} is saved instead of P:
 // backward recomputes P_ij = e^{S_ij - lse_i}, as flash attention does. A row that sees no key gives o = 0 and
-// lse = -inf. S and P are materialised per head ([Nq, Nk], fine on the CPU); gpt_cuda.cu shows how to avoid that.
+// lse = -inf. The queries are taken in blocks of attention_block_rows rows, and a block only computes the columns
+// of S up to the last key its last row sees: the masked upper triangle is skipped block by block (3/8 of the work
+// at Nq = Nk = 128). Within a block the causal rule with the ends aligned is the same rule, so the block is
+// attended as Nq = rows queries to Nk = keys keys. S and P are materialised per block ([rows, keys], fine on the
+// CPU); gpt_cuda.cu shows how to avoid that.
+constexpr int attention_block_rows = 32;
+
 int attention_last_key(const int i, const int Nq, const int Nk, const bool causal) {
     return causal ? std::min(Nk - 1, i + Nk - Nq) : Nk - 1;
+}
+
+// The keys that queries i0 .. i0 + rows - 1 see: 0 .. attention_block_keys - 1.
+int attention_block_keys(const int i0, const int rows, const int Nq, const int Nk, const bool causal) {
+    return std::max(0, attention_last_key(i0 + rows - 1, Nq, Nk, causal) + 1);
 }
 
 // Forward softmax of the scores, in place: P_ij = e^{S_ij scale - m_i} / l_i over the keys row i sees (0 for the
@@ -1179,9 +1226,9 @@ void attention_softmax(std::span<float> scores, std::span<float> lse, const floa
     for (int i = 0; i < Nq; ++i) {
         float* row = &scores[size_t(i) * Nk];
         const int last = attention_last_key(i, Nq, Nk, causal);
-        float max = -std::numeric_limits<float>::infinity(), sum = 0.0f;
-        for (int j = 0; j <= last; ++j) max = std::max(max, row[j] * scale);
-        for (int j = 0; j <= last; ++j) sum += row[j] = std::exp(row[j] * scale - max);
+        const float max = max_of(row, last + 1) * scale;  // scale > 0, so this is the largest of row[j] * scale
+        for (int j = 0; j <= last; ++j) row[j] = fast_exp(row[j] * scale - max);
+        const float sum = sum_of(row, last + 1);
         for (int j = 0; j <= last; ++j) row[j] /= sum;
         std::fill(row + std::max(0, last + 1), row + Nk, 0.0f);
         lse[i] = last < 0 ? -std::numeric_limits<float>::infinity() : max + std::log(sum);
@@ -1194,7 +1241,7 @@ void attention_probabilities(std::span<float> scores, std::span<const float> lse
     for (int i = 0; i < Nq; ++i) {
         float* row = &scores[size_t(i) * Nk];
         const int last = attention_last_key(i, Nq, Nk, causal);
-        for (int j = 0; j <= last; ++j) row[j] = std::exp(row[j] * scale - lse[i]);
+        for (int j = 0; j <= last; ++j) row[j] = fast_exp(row[j] * scale - lse[i]);
         std::fill(row + std::max(0, last + 1), row + Nk, 0.0f);
     }
 }
@@ -1208,10 +1255,14 @@ void attention_forward(std::span<float> out, std::span<float> lse, std::span<con
     parallel_for(H, 4.0 * H * Nq * Nk * hd, [&](const int h) {
         const int g = h / (H / G);
         thread_local std::vector<float> scores;  // each thread's scratch, kept between calls
-        scores.resize(size_t(Nq) * Nk);
-        matmul_forward(scores, q.subspan(h * q_head, q_head), k.subspan(g * kv_head, size_t(Nk) * hd), Nq, hd, Nk);  // S = Q K^T
-        attention_softmax(scores, lse.subspan(size_t(h) * Nq, Nq), scale, Nq, Nk, causal);                        // P
-        gemm(&out[h * q_head], scores.data(), Nk, 1, &v[g * kv_head], hd, 1, Nq, Nk, hd, false);                   // O = P V
+        scores.resize(size_t(std::min(Nq, attention_block_rows)) * Nk);
+        for (int i0 = 0; i0 < Nq; i0 += attention_block_rows) {
+            const int rows = std::min(attention_block_rows, Nq - i0), keys = attention_block_keys(i0, rows, Nq, Nk, causal);
+            const size_t q_block = h * q_head + size_t(i0) * hd;
+            matmul_forward(scores, q.subspan(q_block, size_t(rows) * hd), k.subspan(g * kv_head, size_t(keys) * hd), rows, hd, keys);  // S
+            attention_softmax(scores, lse.subspan(size_t(h) * Nq + i0, rows), scale, rows, keys, causal);                                // P
+            gemm(&out[q_block], scores.data(), keys, 1, &v[g * kv_head], hd, 1, rows, keys, hd, false);                                 // O = P V
+        }
     });
 }
 
@@ -1225,24 +1276,28 @@ void attention_backward(std::span<float> dq, std::span<float> dk, std::span<floa
     const size_t q_head = size_t(Nq) * hd, kv_head = size_t(Nk) * hd;
     parallel_for(G, 12.0 * H * Nq * Nk * hd, [&](const int g) {
         thread_local std::vector<float> probabilities, dscores;  // each thread's scratch, kept between calls
-        probabilities.resize(size_t(Nq) * Nk);
-        dscores.resize(size_t(Nq) * Nk);
-        for (int h = g * (H / G); h < (g + 1) * (H / G); ++h) {
-            const std::span<const float> q_h = q.subspan(h * q_head, q_head), dout_h = dout.subspan(h * q_head, q_head);
-            matmul_forward(probabilities, q_h, k.subspan(g * kv_head, kv_head), Nq, hd, Nk);                       // S
-            attention_probabilities(probabilities, lse.subspan(size_t(h) * Nq, Nq), scale, Nq, Nk, causal);       // P
-            matmul_forward(dscores, dout_h, v.subspan(g * kv_head, kv_head), Nq, hd, Nk);                          // dP = dO V^T
-            for (int i = 0; i < Nq; ++i) {
-                const float delta = dot(&dout_h[size_t(i) * hd], &out[h * q_head + size_t(i) * hd], hd);
-                for (int j = 0; j < Nk; ++j) {
-                    float& ds = dscores[size_t(i) * Nk + j];
-                    ds = probabilities[size_t(i) * Nk + j] * (ds - delta) * scale;
+        probabilities.resize(size_t(std::min(Nq, attention_block_rows)) * Nk);
+        dscores.resize(probabilities.size());
+        for (int h = g * (H / G); h < (g + 1) * (H / G); ++h)
+            for (int i0 = 0; i0 < Nq; i0 += attention_block_rows) {
+                const int rows = std::min(attention_block_rows, Nq - i0), keys = attention_block_keys(i0, rows, Nq, Nk, causal);
+                const size_t q_block = h * q_head + size_t(i0) * hd, block_size = size_t(rows) * hd;
+                const std::span<const float> q_b = q.subspan(q_block, block_size), dout_b = dout.subspan(q_block, block_size);
+                const std::span<const float> k_g = k.subspan(g * kv_head, size_t(keys) * hd), v_g = v.subspan(g * kv_head, size_t(keys) * hd);
+                matmul_forward(probabilities, q_b, k_g, rows, hd, keys);                                                     // S
+                attention_probabilities(probabilities, lse.subspan(size_t(h) * Nq + i0, rows), scale, rows, keys, causal);  // P
+                matmul_forward(dscores, dout_b, v_g, rows, hd, keys);                                                        // dP = dO V^T
+                for (int i = 0; i < rows; ++i) {
+                    const float delta = dot(&dout_b[size_t(i) * hd], &out[q_block + size_t(i) * hd], hd);
+                    for (int j = 0; j < keys; ++j) {
+                        float& ds = dscores[size_t(i) * keys + j];
+                        ds = probabilities[size_t(i) * keys + j] * (ds - delta) * scale;
+                    }
                 }
+                gemm(&dq[q_block], dscores.data(), keys, 1, k_g.data(), hd, 1, rows, keys, hd, true);             // dQ += dS K
+                gemm(&dk[g * kv_head], dscores.data(), 1, keys, q_b.data(), hd, 1, keys, rows, hd, true);         // dK += dS^T Q
+                gemm(&dv[g * kv_head], probabilities.data(), 1, keys, dout_b.data(), hd, 1, keys, rows, hd, true);  // dV += P^T dO
             }
-            gemm(&dq[h * q_head], dscores.data(), Nk, 1, &k[g * kv_head], hd, 1, Nq, Nk, hd, true);                // dQ += dS K
-            gemm(&dk[g * kv_head], dscores.data(), 1, Nk, q_h.data(), hd, 1, Nk, Nq, hd, true);                     // dK += dS^T Q
-            gemm(&dv[g * kv_head], probabilities.data(), 1, Nk, dout_h.data(), hd, 1, Nk, Nq, hd, true);           // dV += P^T dO
-        }
     });
 }
 
@@ -1475,7 +1530,7 @@ void expert_scores_forward(std::span<float> scores, std::span<const float> logit
         }
         const float max = *std::max_element(r, r + E);
         float sum = 0.0f;
-        for (int e = 0; e < E; ++e) sum += s[e] = std::exp(r[e] - max);
+        for (int e = 0; e < E; ++e) sum += s[e] = fast_exp(r[e] - max);
         for (int e = 0; e < E; ++e) s[e] /= sum;
     }
 }
