@@ -7,7 +7,15 @@ Each config: random token batches (vocab 32), a few warm-up steps, then steps ar
 least --seconds have passed; ms/step is the median (the mean is shown too), tokens/s = B*T / median.
 A step is forward + cross-entropy + backward + clip_grad_norm_(1.0) + AdamW.
 """
-import argparse, json, math, time
+import argparse, json, math, os, sys, time
+
+# torch.set_num_threads does not reach the BLAS of every build: Debian's torch 1.13 (BLAS_INFO=generic) calls an
+# OpenBLAS that starts one thread per core whatever torch is told, so "--threads 1" used both cores of a 2-core
+# machine. The BLAS reads its thread count from the environment when it loads, so it is set before torch is imported.
+_threads = next((a.split("=", 1)[1] if "=" in a else sys.argv[i + 1]
+                 for i, a in enumerate(sys.argv) if a.startswith("--threads") and ("=" in a or i + 1 < len(sys.argv))), "1")
+for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_name] = _threads
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -131,7 +139,7 @@ def bench(name, seconds):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N), and the BLAS's threads")
     ap.add_argument("--configs", default="tiny,small,medium")
     ap.add_argument("--seconds", type=float, default=3.0, help="least time spent timing each config")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
