@@ -834,6 +834,31 @@ TEST_SUITE("7. Core ops") {
                 }
         }
     }
+    TEST_CASE("fast_exp against exp in double over its whole range, and at its edges") {
+        double worst = 0.0;
+        for (double x = -87.0; x <= 88.0; x += 1.0 / 4096) {  // 716,800 points, every binade of the result
+            const float xf = float(x);
+            const double exact = std::exp(double(xf));
+            worst = std::max(worst, std::abs(double(fast_exp(xf)) - exact) / exact);
+        }
+        CHECK(worst < 1.5e-7);  // std::exp's float result is within 6e-8; two float roundings more at most
+        CHECK(fast_exp(0.0f) == 1.0f);
+        CHECK(fast_exp(-87.5f) == 0.0f);
+        CHECK(fast_exp(-std::numeric_limits<float>::infinity()) == 0.0f);
+        CHECK(std::isnan(fast_exp(std::numeric_limits<float>::quiet_NaN())));
+    }
+    TEST_CASE("dot, sum_of and max_of equal the plain loops at every length up to 70") {
+        Rng rng(12);
+        const std::vector<float> a = random_vector(70, rng), b = random_vector(70, rng);
+        for (int n = 1; n <= 70; ++n) {
+            double dot_ref = 0.0, sum_ref = 0.0;
+            float max_ref = -std::numeric_limits<float>::infinity();
+            for (int i = 0; i < n; ++i) dot_ref += double(a[i]) * b[i], sum_ref += a[i], max_ref = std::max(max_ref, a[i]);
+            CHECK(std::abs(dot(a.data(), b.data(), n) - dot_ref) <= 1e-5 * n);
+            CHECK(std::abs(sum_of(a.data(), n) - sum_ref) <= 1e-5 * n);
+            CHECK(max_of(a.data(), n) == max_ref);
+        }
+    }
     TEST_CASE("gradients: matmul") {
         Rng rng(1);
         Tensor x = random_tensor({5, 7}, rng), w = random_tensor({3, 7}, rng);
