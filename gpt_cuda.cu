@@ -166,14 +166,19 @@ void reserve(DeviceBuffer<float>& buffer, const size_t n) {
 
 // The one launch helper: checks the grid against the hardware limits, raises the dynamic shared-memory limit when a
 // kernel needs more than the default 48 KB, launches into `stream`, and checks the launch. The stages use the default
-// stream (launch); the GPU model uses model_stream (launch_on), which a CUDA graph can capture.
-template <typename... KernelArgs, typename... Args>
-void launch_on(const cudaStream_t stream, const char* name, void (*kernel)(KernelArgs...), const dim3 grid,
-               const dim3 block, const size_t smem_bytes, Args&&... args) {
+// stream (launch); the GPU model uses model_stream (launch_on), which a CUDA graph can capture. prepare_launch is the
+// part that launch_overlapping (below) shares.
+template <typename... KernelArgs>
+void prepare_launch(const char* name, void (*kernel)(KernelArgs...), const dim3 grid, const size_t smem_bytes) {
     check(grid.y <= 65535 && grid.z <= 65535, std::string(name) + ": grid " + std::to_string(grid.y) + " x " +
                                                   std::to_string(grid.z) + " exceeds 65535 in y or z");
     if (smem_bytes > 48 * 1024)
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
+}
+template <typename... KernelArgs, typename... Args>
+void launch_on(const cudaStream_t stream, const char* name, void (*kernel)(KernelArgs...), const dim3 grid,
+               const dim3 block, const size_t smem_bytes, Args&&... args) {
+    prepare_launch(name, kernel, grid, smem_bytes);
     kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
     const cudaError_t status = cudaGetLastError();
     check(status == cudaSuccess, std::string(name) + ": launch failed: " + cudaGetErrorString(status));
@@ -204,8 +209,7 @@ __device__ void wait_for_previous_kernel() {
 template <typename... KernelArgs, typename... Args>
 void launch_overlapping(const cudaStream_t stream, const char* name, void (*kernel)(KernelArgs...), const dim3 grid,
                         const dim3 block, const size_t smem_bytes, Args&&... args) {
-    if (smem_bytes > 48 * 1024)
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
+    prepare_launch(name, kernel, grid, smem_bytes);
     cudaLaunchAttribute overlap{};
     overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     overlap.val.programmaticStreamSerializationAllowed = 1;
