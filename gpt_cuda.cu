@@ -1262,14 +1262,17 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
 // scores; then one warp per head, lanes along hd). The splits are merged with the rule of DESIGN.md §7:
 //   m = max_s m_s,  l = sum_s e^(m_s - m) l_s,  O = sum_s e^(m_s - m) l_s O_s / l,  LSE = m + log l.
 // by the last block of the row to finish (it counts the arrivals with an atomic), so it is one kernel, not a second
-// launch that waits for the first. A split past the last key a row sees is empty (l_s = 0) and weighs nothing. The
-// cache may hold more positions than are filled (head stride max_T * hd), and the number of filled positions may be
-// read from device memory, so that one captured CUDA graph serves every decode step. Faster because all SMs stream
-// the cache at once. Measured (H100, 2026-11-24, ./gpt_cuda run --stage 7 --heads 12 --kv-heads 4 --n 1 --nk 4096
-// --d 64 --causal --runs 20): 0.024 ms with a separate merge kernel, against 0.490 ms for stage 6 on the same one-row
-// problem (20x); with the merge in the last block (H200, 2026-12-03, same command): 0.017 ms (ncu, one decode step of
-// the GPU model: 7.9 us against 4.9 + 4.2 us for the two kernels). The K and V it reads are 8.4 MB, 490 GB/s: at
-// this size the launch and the block's chain of waits, not bandwidth, set the time.
+// launch that waits for the first. The cache may hold more positions than are filled (head stride max_T * hd), and
+// the number of filled positions may be read from device memory, so that one captured CUDA graph serves every decode
+// step: the grid covers the whole cache, a split past the last key a row sees leaves at once, the merge takes the
+// splits before it, and a row whose keys fit in one split is finished by that block alone (no partials, no merge).
+// Faster because all SMs stream the cache at once. Measured (H100, 2026-11-24, ./gpt_cuda run --stage 7 --heads 12
+// --kv-heads 4 --n 1 --nk 4096 --d 64 --causal --runs 20): 0.024 ms with a separate merge kernel, against 0.490 ms
+// for stage 6 on the same one-row problem (20x); with the merge in the last block (H200, 2026-12-03, same command):
+// 0.017 ms (ncu, one decode step of the GPU model: 7.9 us against 4.9 + 4.2 us for the two kernels). The K and V it
+// reads are 8.4 MB, 490 GB/s: at this size the launch and the block's chain of waits, not bandwidth, set the time.
+// In the model's decode step at positions up to 64, where one split holds every key, stage 7 takes about 3.5 us
+// after its wait (a %globaltimer timeline, H200, 2026-12-03), against about 8 us with the partials and the merge.
 
 // Where the keys and values live and how they are split. Nk = past + Nq: the Nq new rows are the last Nq keys.
 struct SplitKv {
@@ -1368,6 +1371,20 @@ __global__ void __launch_bounds__(decode_threads)
     const int past = kv.past_on_device ? *kv.past_on_device : kv.past;
     const int visible = s.causal ? min(past + s.Nq, past + i + 1) : past + s.Nq;  // keys [0, visible) of row i
     const int key0 = split * kv.split_keys, n_keys = max(0, min(kv.split_keys, visible - key0));
+    // The grid is sized for a full cache; only the first `used` splits hold keys of this row. The others leave at once
+    // (they write nothing), and when one split holds them all it is the whole answer: it writes O and LSE itself, with
+    // no partials and no merge: with Bk = 64, every decode step at positions up to 64.
+    const int used = max(1, int(ceil_div(visible, kv.split_keys)));
+    if (split >= used) return;
+    if (visible <= 0) {  // the row sees no key (causal with Nq > Nk): it gives 0, written by split 0 alone
+        wait_for_previous_kernel();
+        for (int f = threadIdx.x; f < group * HD; f += decode_threads) {
+            const int64_t row = (int64_t(b) * s.H + g * group + f / HD) * s.Nq + i;
+            out[row * HD + f % HD] = 0.0f;
+            if (f % HD == 0) lse[row] = -INFINITY;
+        }
+        return;
+    }
     const auto part = [&](const int head) { return ((int64_t(b) * s.H + head) * s.Nq + i) * splits + split; };
     // The block's keys and values stream into shared memory (cp.async, a warp copies 512 contiguous bytes) while q
     // is loaded: both arrive with one wait. The keys before `past` were cached by earlier decode steps, so their copy
@@ -1409,7 +1426,6 @@ __global__ void __launch_bounds__(decode_threads)
         __syncthreads();  // every score is in shared memory
     }
     // Per head, one warp (no more barriers): m = max, P = 2^(S - m), l = sum P, then lane d of the warp sums P V[:, d].
-    // An empty split (past the last key its row sees) writes l = 0.
     const int lane = threadIdx.x % 32;
     for (int h = threadIdx.x / 32; h < group; h += decode_threads / 32) {
         float* p = scores + h * kv.split_keys;
@@ -1420,26 +1436,29 @@ __global__ void __launch_bounds__(decode_threads)
         for (int j = lane; j < n_keys; j += 32) l += (p[j] = exp2f(p[j] - m));
         l = warp_sum(l);
         __syncwarp();  // every P of the head is written before any lane reads another's
-        const int64_t row = part(g * group + h);
+        const int64_t row = (int64_t(b) * s.H + g * group + h) * s.Nq + i;
+        float* o_row = used == 1 ? out + row * HD : parts.out + part(g * group + h) * HD;
         for (int d = lane; d < HD && n_keys > 0; d += 32) {
             float o = 0.0f;
             for (int j = 0; j < n_keys; ++j) o = fmaf(p[j], v_s[j * HD + d], o);
-            parts.out[row * HD + d] = o / l;
+            o_row[d] = o / l;
         }
-        if (lane == 0) parts.max[row] = m, parts.sum[row] = l;
+        if (lane == 0 && used == 1) lse[row] = (m + log2f(l)) * ln_2;
+        if (lane == 0 && used > 1) parts.max[part(g * group + h)] = m, parts.sum[part(g * group + h)] = l;
     }
-    // The last of the `splits` blocks of (b, g, i) to finish merges them, so no second kernel is launched: each block
+    if (used == 1) return;
+    // The last of the `used` blocks of (b, g, i) to finish merges them, so no second kernel is launched: each block
     // makes its partials visible to the whole GPU (__threadfence) before it counts itself in.
     __threadfence();
     __syncthreads();
     unsigned* arrivals = parts.arrivals + int64_t(blockIdx.z) * s.G + g;
-    if (threadIdx.x == 0) merges = atomicAdd(arrivals, 1u) == unsigned(splits - 1);
+    if (threadIdx.x == 0) merges = atomicAdd(arrivals, 1u) == unsigned(used - 1);
     __syncthreads();
     if (!merges) return;
     __threadfence();  // the other blocks' partials are read after their arrivals were counted
     for (int h = threadIdx.x / 32; h < group; h += decode_threads / 32) {
         const int64_t row = (int64_t(b) * s.H + g * group + h) * s.Nq + i;
-        merge_splits<HD>(out + row * HD, lse + row, parts, row * splits, splits, weights + h * splits);
+        merge_splits<HD>(out + row * HD, lse + row, parts, row * splits, used, weights + h * splits);
     }
     if (threadIdx.x == 0) *arrivals = 0;  // ready for the next call
 }
@@ -2104,9 +2123,7 @@ __global__ void __launch_bounds__(gemv_threads)
 // past + t ([G, max_T, hd]). One block per row; thread e handles the pair (i, i + hd/2) of one head, a rotation by the
 // angle a = position theta^(-2i/hd). cos a and sin a come from a table [T, hd/2] made once on the CPU, exactly as
 // gpt.cpp makes its own (angle in double, rounded to float), so both rotate by the same numbers.
-__device__ void rope_rotate(float& first, float& second, const float* rope_cos, const float* rope_sin,
-                            const int position, const int i, const int half) {
-    const float c = rope_cos[int64_t(position) * half + i], s = rope_sin[int64_t(position) * half + i];
+__device__ void rope_rotate(float& first, float& second, const float c, const float s) {
     const float rotated_first = first * c - second * s;
     second = second * c + first * s, first = rotated_first;
 }
@@ -2121,7 +2138,8 @@ __global__ void split_heads_rope_kernel(float* q_out, float* k_out, float* v_out
     for (int e = threadIdx.x; e < (H + 2 * G) * half; e += blockDim.x) {
         const int head = e / half, i = e % half;
         float first = row[head * hd + i], second = row[head * hd + i + half];
-        if (head < H + G) rope_rotate(first, second, rope_cos, rope_sin, position, i, half);
+        const int64_t angle = int64_t(position) * half + i;
+        if (head < H + G) rope_rotate(first, second, rope_cos[angle], rope_sin[angle]);
         float* dst = q_out + ((int64_t(b) * H + head) * T + t) * hd;
         float* cache = nullptr;
         if (head >= H) {
@@ -2157,12 +2175,17 @@ __global__ void __launch_bounds__(gemv_threads)
     if (pair >= (to.H + 2 * to.G) * half) return;
     const int head = pair / half, i = pair % half;
     const int64_t row = int64_t(head) * to.hd + i;
+    // The position and its angle are read before the wait, with the weights: the length was last written by the
+    // previous decode step (an earlier graph launch), so the lookup leaves the chain of waits.
+    const int position = *to.position;
+    const bool rotated = head < to.H + to.G;
+    const float c = rotated ? to.rope_cos[int64_t(position) * half + i] : 1.0f;
+    const float s = rotated ? to.rope_sin[int64_t(position) * half + i] : 0.0f;
     const GemvSums sums = gemv_sums<VECTOR, true>(w + row * K, w + (row + half) * K, x, norm_weight, K);
     if (threadIdx.x % 32 != 0) return;
     const float r = 1.0f / sqrtf(sums.squares / K + eps);
     float first = r * sums.first, second = r * sums.second;
-    const int position = *to.position;
-    if (head < to.H + to.G) rope_rotate(first, second, to.rope_cos, to.rope_sin, position, i, half);
+    if (rotated) rope_rotate(first, second, c, s);
     const bool query = head < to.H, key = head < to.H + to.G;
     float* dst = query ? to.q + int64_t(head) * to.hd
                        : (key ? to.cache_k : to.cache_v) + (int64_t((head - to.H) % to.G) * to.max_T + position) * to.hd;
@@ -2734,12 +2757,13 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 // graph, with the copy of the token in and of the logits out (through page-locked host memory), and every step replays
 // it (its kernels read the position from the device). Five kernels a layer, each launched to overlap the one before:
 // the q, k, v gemv with RoPE and the cache write, stage 7, the o_proj gemv, the [gate; up] gemv with SwiGLU, the down
-// gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.285 ms a
-// token at positions 2-65 and 0.360 ms at 4032-4095, 26% and 27% of the bandwidth limit (309 and 408 MB read a token
-// at the measured 4162 GB/s). The same bench that morning, before RoPE moved into the gemv, the merge into stage 7's
-// last block, the copies into the graph and the L2 prefetch into the gemv: 0.366 and 0.491 ms (20%). On the H100
-// (3 TB/s) the first version, seven kernels a layer, took 0.387 ms (27%). What is left is the chain of 63 dependent
-// kernels: each waits for the one before, reads its input from L2 and hands over, a few microseconds for 1-13 MB.
+// gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.239 ms a
+// token at positions 2-65 and 0.362 ms at 4032-4095, 31% and 27% of the bandwidth limit (309 and 408 MB read a token
+// at the measured 4189 GB/s). Before stage 7's empty splits left at once (same day): 0.285 and 0.360 ms; that morning,
+// before RoPE moved into the gemv, the merge into stage 7's last block, the copies into the graph and the L2 prefetch
+// into the gemv: 0.366 and 0.491 ms (20%). On the H100 (3 TB/s) the first version, seven kernels a layer, took
+// 0.387 ms (27%). What is left is the chain of 63 dependent kernels: after its wait each gemv takes 1.5-4 us for
+// 2-13 MB of weights whose loads were issued long before, and each hand-over about 0.9 us.
 // Prefill of 4096 tokens: 33.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.
