@@ -1373,7 +1373,7 @@ __global__ void __launch_bounds__(decode_threads)
     const int key0 = split * kv.split_keys, n_keys = max(0, min(kv.split_keys, visible - key0));
     // The grid is sized for a full cache; only the first `used` splits hold keys of this row. The others leave at once
     // (they write nothing), and when one split holds them all it is the whole answer: it writes O and LSE itself, with
-    // no partials and no merge: with Bk = 64, every decode step at positions up to 64.
+    // no partials and no merge (with Bk = 64, every decode step at positions up to 64).
     const int used = max(1, int(ceil_div(visible, kv.split_keys)));
     if (split >= used) return;
     if (visible <= 0) {  // the row sees no key (causal with Nq > Nk): it gives 0, written by split 0 alone
