@@ -204,7 +204,8 @@ struct TestMoe {
     int experts = 0, top_k = 0, shared = 0, expert_ffn = 0, dense_layers = 0;
 };
 
-// V = 37 (36 characters and EOT); context 160 spans three stage-7 blocks of 64 keys. F is a multiple of no tile.
+// V = 37 (36 characters and EOT); context 160 spans three stage-7 blocks of 64 keys. F is a multiple of no tile. The
+// RMSNorm weights are drawn from [0.5, 1.5] (init_model sets them to 1), so a GPU that folds them wrongly fails.
 // MoE layers get a router 12 times the init scale, so the router logits spread over a few units and the K-th and
 // (K+1)-th keys of a row are rarely within float rounding of each other (where they are, CPU and GPU may choose
 // differently; these seeds have no such row, and the evaluation test checks that both engines count the same
@@ -222,6 +223,11 @@ TestModel test_model(const int heads, const int kv_heads, const bool tied, const
     c.expert_ffn_dim = moe.expert_ffn, c.scoring = moe.scoring, c.dense_layers = moe.dense_layers;
     t.model = make_model(c);
     init_model(t.model, seed);
+    Rng rng(seed + 1000);
+    for (Layer& layer : t.model.layers)
+        for (Tensor* norm : {&layer.attn_norm, &layer.ffn_norm})
+            for (float& g : norm->data) g = 0.5f + rng.uniform();
+    for (float& g : t.model.final_norm.data) g = 0.5f + rng.uniform();
     for (int l = 0; l < c.n_layers; ++l) {
         if (!c.is_moe_layer(l)) continue;
         MixtureOfExperts& layer = t.model.layers[l].moe;
