@@ -2025,23 +2025,26 @@ __global__ void linear_output_kernel(float* out, const float* product, const int
 // ---- gemv: one row through a linear layer ----
 // out = output(w x~), x~ = x r (RMSNorm without its weights) when `normalize`, else x.   x [K], w [N, K] (swiglu:
 // [2N, K]) -> [N]. Each warp owns an output j and walks row j of w in float4 steps, consecutive lanes on consecutive
-// float4s (coalesced, 512 bytes per warp per step, several steps in flight), then sums its lanes with shuffles. No
-// barrier: the warp reads x itself, from L1, since every warp of an SM reads the same few KB, and sums x_k^2 in the
-// same loop, so the norm is ready with the dot product:  w_j . (x r) = r (w_j . x),  r = 1 / sqrt(mean x^2 + eps).
-// The norm's weights g are already in w (upload_model folds them), so the kernel reads nothing but w and x. Measured
-// (H200, 2026-12-03, decode step of the L12 D768 model): 0.238 ms a token at positions 2-65 with g read and
-// multiplied in every step of the loop, 0.219 ms with g folded into w. Every weight is read once. The weights do not depend on the kernel before, so a decode step launches each gemv to
-// overlap its predecessor (programmatic dependent launch, sm_90): the kernel lets its own successor start at once,
-// loads the first float4s of its weight rows into registers, asks L2 to fetch the rest of the rows (prefetch.global.L2,
-// one request per 128-byte line), and only then waits for the previous kernel's output. The register prefetch is kept
-// small (8 float4s a lane, over one row or two) so that the next kernel's blocks fit beside this one's and can start
-// their own prefetch early; L2 holds the rest. Measured in the decode step (H200, 2026-12-03, L12 D768 model at
-// positions 2-65, 64 graph replays timed): 327 us a token with 16 float4s of one row or 8 of two
-// in registers and no L2 prefetch, 307 us with 128-thread blocks, 299 us with the L2 prefetch, 278 us with both the
-// L2 prefetch and the smaller register prefetch (this code), 288 us with half that register prefetch.
+// float4s (coalesced, 512 bytes per warp per step, several steps in flight), then sums its lanes with shuffles. The
+// warp reads x itself, from L1, since every warp of an SM reads the same few KB, and sums x_k^2 in the same loop, so
+// the norm is ready with the dot product:  w_j . (x r) = r (w_j . x),  r = 1 / sqrt(mean x^2 + eps). The norm's
+// weights g are already in w (upload_model folds them), so the kernel reads nothing but w and x. Every weight is
+// read once. The weights do not depend on the kernel before, so a decode step launches each gemv to overlap its
+// predecessor (programmatic dependent launch, sm_90): the kernel lets its own successor start at once, loads its
+// weight rows into registers, and only then waits for the previous kernel's output. A warp holds up to 8 float4s a
+// lane of one row, or 6 of each of two rows (SwiGLU, RoPE pairs): a row of up to 1024 or 768 floats. A longer row
+// is split among 2, 4 or 8 warps of the block (gemv_parts), whose sums meet in shared memory; a row longer than 8
+// warps hold asks L2 to fetch the rest (prefetch.global.L2, one request per 128-byte line) before the wait.
+// Measured in the decode step (H200, 2026-12-03, L12 D768 model, 64 graph replays timed, positions 2-65 and
+// 3967-4031), side by side in one run:
+//   4 float4s of each of two rows and 8 of one in registers, the rest of each row prefetched into L2: 0.201, 0.310 ms
+//   the same, down's rows (2048 floats) split between two warps:                                    0.195, 0.305 ms
+//   6 float4s of each of two rows ([gate; up] and q, k, v rows held whole), down split (this code):  0.183, 0.291 ms
+// and earlier: g read and multiplied in the loop instead of folded, 0.238 against 0.219 ms at positions 2-65;
+// before the L2 prefetch, 16 float4s of one row or 8 of two in registers, 0.327 ms, 128-thread blocks 0.307 ms.
 constexpr int gemv_threads = 256, gemv_warps = gemv_threads / 32;
 template <bool TWO_ROWS>
-constexpr int gemv_prefetch = TWO_ROWS ? 4 : 8;  // float4 steps of each weight row held in registers before the wait
+constexpr int gemv_prefetch = TWO_ROWS ? 6 : 8;  // float4 steps of each weight row held in registers before the wait
 
 // One warp's sums over k: w_first . x, w_second . x and, to normalize, x . x.
 struct GemvSums {
@@ -2099,17 +2102,47 @@ __device__ GemvSums gemv_sums(const float* w_first, const float* w_second, const
     return sums;
 }
 
+// A row longer than a warp holds in registers (8 float4s a lane of one row, 6 of each of two) is split into `parts`
+// consecutive shares, one for each of `parts` neighbouring warps, so that a block holds all of its weights in
+// registers before the wait; the shares' sums meet in shared memory. `parts` is a power of two up to gemv_warps.
+int gemv_parts(const int K, const bool two_rows) {
+    const int held = 32 * 4 * (two_rows ? gemv_prefetch<true> : gemv_prefetch<false>);  // floats of a row in a warp
+    int parts = 1;
+    while (parts < gemv_warps && parts * held < K) parts *= 2;
+    return parts;
+}
+
+// The sums of rows (w_first, w_second) . x over all K, for every warp of the row's `parts`. An inactive warp (past the
+// last row) loads nothing but still meets the others at the barrier.
+template <bool VECTOR, bool TWO_ROWS>
+__device__ GemvSums gemv_row_sums(const float* w_first, const float* w_second, const float* x, const bool normalize,
+                                  const int K, const int parts, const bool active) {
+    __shared__ GemvSums shares[gemv_warps];
+    const int warp = threadIdx.x / 32, part = warp % parts;
+    const int share = int(VECTOR ? 4 * ceil_div(K / 4, parts) : ceil_div(K, parts));
+    const int begin = min(K, part * share), length = min(K - begin, share);
+    GemvSums sums;
+    if (active) sums = gemv_sums<VECTOR, TWO_ROWS>(w_first + begin, w_second + begin, x + begin, normalize, length);
+    if (parts == 1) return sums;
+    if (threadIdx.x % 32 == 0) shares[warp] = sums;
+    __syncthreads();
+    GemvSums total;
+    for (int p = warp - part; p < warp - part + parts; ++p)
+        total.first += shares[p].first, total.second += shares[p].second, total.squares += shares[p].squares;
+    return total;
+}
+
 template <LinearOutput MODE, bool VECTOR>
 __global__ void __launch_bounds__(gemv_threads)
     gemv_kernel(float* out, const float* w, const float* x, const bool normalize, const float eps, const int N,
-                const int K) {
+                const int K, const int parts) {
     start_next_kernel();
-    const int j = blockIdx.x * gemv_warps + threadIdx.x / 32;
-    if (j >= N) return;
+    const int j = blockIdx.x * (gemv_warps / parts) + threadIdx.x / 32 / parts;
     constexpr bool swiglu = MODE == LinearOutput::swiglu;
-    const GemvSums sums = gemv_sums<VECTOR, swiglu>(w + int64_t(j) * K, w + int64_t(N + j) * K, x, normalize, K);
+    const GemvSums sums = gemv_row_sums<VECTOR, swiglu>(w + int64_t(j) * K, w + int64_t(N + j) * K, x, normalize, K,
+                                                        parts, j < N);
     const float r = normalize ? 1.0f / sqrtf(sums.squares / K + eps) : 1.0f;
-    if (threadIdx.x % 32 != 0) return;
+    if (j >= N || threadIdx.x % (32 * parts) != 0) return;  // lane 0 of the row's first warp writes
     if constexpr (swiglu)
         out[j] = silu(r * sums.first) * (r * sums.second);
     else if constexpr (MODE == LinearOutput::add)
@@ -2169,10 +2202,11 @@ struct RopeTargets {
 
 template <bool VECTOR>
 __global__ void __launch_bounds__(gemv_threads)
-    qkv_rope_gemv_kernel(const RopeTargets to, const float* w, const float* x, const float eps, const int K) {
+    qkv_rope_gemv_kernel(const RopeTargets to, const float* w, const float* x, const float eps, const int K,
+                         const int parts) {
     start_next_kernel();
-    const int half = to.hd / 2, pair = blockIdx.x * gemv_warps + threadIdx.x / 32;
-    if (pair >= (to.H + 2 * to.G) * half) return;
+    const int half = to.hd / 2, pair = blockIdx.x * (gemv_warps / parts) + threadIdx.x / 32 / parts;
+    const bool active = pair < (to.H + 2 * to.G) * half;
     const int head = pair / half, i = pair % half;
     const int64_t row = int64_t(head) * to.hd + i;
     // The position and its angle are read before the wait, with the weights: the length was last written by the
@@ -2181,8 +2215,8 @@ __global__ void __launch_bounds__(gemv_threads)
     const bool rotated = head < to.H + to.G;
     const float c = rotated ? to.rope_cos[int64_t(position) * half + i] : 1.0f;
     const float s = rotated ? to.rope_sin[int64_t(position) * half + i] : 0.0f;
-    const GemvSums sums = gemv_sums<VECTOR, true>(w + row * K, w + (row + half) * K, x, true, K);
-    if (threadIdx.x % 32 != 0) return;
+    const GemvSums sums = gemv_row_sums<VECTOR, true>(w + row * K, w + (row + half) * K, x, true, K, parts, active);
+    if (!active || threadIdx.x % (32 * parts) != 0) return;
     const float r = 1.0f / sqrtf(sums.squares / K + eps);
     float first = r * sums.first, second = r * sums.second;
     if (rotated) rope_rotate(first, second, c, s);
@@ -2546,9 +2580,10 @@ void linear(GpuModel& model, float* out, const float* x, const float* w, const b
     const float eps = model.config.norm_eps;
     if (rows == 1) {
         const bool vector = float4_ok(w, K) && float4_ok(x, K);
+        const int parts = gemv_parts(K, mode == LinearOutput::swiglu);
         const auto run = [&](auto kernel) {
-            launch_overlapping(model_stream, "gemv", kernel, dim3(ceil_div(N, gemv_warps)), dim3(gemv_threads), 0, out, w, x,
-                               normalize, eps, N, K);
+            launch_overlapping(model_stream, "gemv", kernel, dim3(ceil_div(N, gemv_warps / parts)), dim3(gemv_threads),
+                               0, out, w, x, normalize, eps, N, K, parts);
         };
         if (mode == LinearOutput::store) vector ? run(gemv_kernel<LinearOutput::store, true>) : run(gemv_kernel<LinearOutput::store, false>);
         if (mode == LinearOutput::add) vector ? run(gemv_kernel<LinearOutput::add, true>) : run(gemv_kernel<LinearOutput::add, false>);
@@ -2591,9 +2626,10 @@ void attention_block(GpuModel& model, const GpuLayer& layer, const int layer_ind
         const RopeTargets to{w.q.data, cache_k,      cache_v, model.rope_cos.data, model.rope_sin.data,
                              cache->length_on_device.data, H,  G,       hd,       cache->max_T};
         const bool vector = float4_ok(layer.wqkv.data, c.dim) && float4_ok(w.x.data, c.dim);
+        const int parts = gemv_parts(c.dim, true);
         launch_overlapping(model_stream, "qkv_rope_gemv", vector ? qkv_rope_gemv_kernel<true> : qkv_rope_gemv_kernel<false>,
-                           dim3(ceil_div((H + 2 * G) * hd / 2, gemv_warps)), dim3(gemv_threads), 0, to, layer.wqkv.data,
-                           w.x.data, c.norm_eps, c.dim);
+                           dim3(ceil_div((H + 2 * G) * hd / 2, gemv_warps / parts)), dim3(gemv_threads), 0, to,
+                           layer.wqkv.data, w.x.data, c.norm_eps, c.dim, parts);
         SplitKv kv;
         kv.head_stride = int64_t(cache->max_T) * hd, kv.capacity = cache->max_T, kv.split_keys = decode_split_keys;
         kv.past_on_device = cache->length_on_device.data;
@@ -2757,13 +2793,16 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 // graph, with the copy of the token in and of the logits out (through page-locked host memory), and every step replays
 // it (its kernels read the position from the device). Five kernels a layer, each launched to overlap the one before:
 // the q, k, v gemv with RoPE and the cache write, stage 7, the o_proj gemv, the [gate; up] gemv with SwiGLU, the down
-// gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.239 ms a
-// token at positions 2-65 and 0.362 ms at 4032-4095, 31% and 27% of the bandwidth limit (309 and 408 MB read a token
-// at the measured 4189 GB/s). Before stage 7's empty splits left at once (same day): 0.285 and 0.360 ms; that morning,
-// before RoPE moved into the gemv, the merge into stage 7's last block, the copies into the graph and the L2 prefetch
-// into the gemv: 0.366 and 0.491 ms (20%). On the H100 (3 TB/s) the first version, seven kernels a layer, took
-// 0.387 ms (27%). What is left is the chain of 63 dependent kernels: after its wait each gemv takes 1.5-4 us for
-// 2-13 MB of weights whose loads were issued long before, and each hand-over about 0.9 us.
+// gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.189 ms a
+// token at positions 2-65 and 0.293 ms at 4032-4095, 39% and 34% of the bandwidth limit (309 and 408 MB read a token
+// at the measured 4163 GB/s). Earlier the same day: 0.239 and 0.362 ms before the norm weights were folded into the
+// matrices, stage 7's P V loop took a lane's columns together and the gemv held whole rows in registers; 0.285 and
+// 0.360 ms before stage 7's empty splits left at once; that morning, before RoPE moved into the gemv, the merge into
+// stage 7's last block, the copies into the graph and the L2 prefetch into the gemv: 0.366 and 0.491 ms (20%). On the
+// H100 (3 TB/s) the first version, seven kernels a layer, took 0.387 ms (27%). What is left is the chain of 63
+// dependent kernels: each hand-over costs about 0.9 us, and after its wait each kernel still takes microseconds (a
+// timeline of the step before the gemv held whole rows: q, k, v 2.0 us, stage 7 2.6, o_proj 1.4, [gate; up] 2.8, down
+// 5.3, whose rows are now split between two warps).
 // Prefill of 4096 tokens: 33.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.

@@ -333,34 +333,77 @@ TEST_SUITE("cuda: GPU model") {
         CHECK(on_gpu.tokens == on_cpu.tokens);
         CHECK(std::fabs(on_gpu.loss - on_cpu.loss) <= 1e-4 * on_cpu.loss);
     }
-    TEST_CASE("prefill + decode equals the full forward on the GPU, up to the last position" *
+    TEST_CASE("one row through a linear layer (the decode step's gemv) equals the product in double: rows long enough "
+              "to be split across warps, N not a multiple of a block's rows, float4 and scalar loads" *
               doctest::skip(no_cuda_device())) {
-        TestModel t = test_model(4, 2, false, 13);
-        const ModelConfig& c = t.model.config;
-        GpuModel gpu = upload_model(t.model, "6", c.context);
-        const std::vector<int> tokens = random_tokens(c.context, c.vocab_size, 8);
-        const std::vector<float> full = gpu_logits(gpu, tokens, 1, c.context);
-        const auto row = [&](const int position) {
-            return std::vector<float>(full.begin() + size_t(position) * c.vocab_size,
-                                      full.begin() + size_t(position + 1) * c.vocab_size);
-        };
-        for (const int prompt : {1, 50, c.context - 20}) {
-            CAPTURE(prompt);
-            GpuInferenceState state = prefill(gpu, std::span<const int>(tokens.data(), prompt));
-            expect_close(state.logits, row(prompt - 1));
-            for (int position = prompt; position < std::min(prompt + 20, c.context); ++position) {
-                decode_step(gpu, state, tokens[position]);
-                CHECK(state.cache.length == position + 1);
-                expect_close(state.logits, row(position));
+        GpuModel model;  // the one-row path of linear() reads only the config's norm_eps
+        const double eps = model.config.norm_eps;
+        for (const int K : {5, 36, 768, 1031, 2048, 2500})
+            for (const LinearOutput mode : {LinearOutput::store, LinearOutput::add, LinearOutput::swiglu})
+                for (const bool normalize : {false, true}) {
+                    const int N = 37, rows_w = mode == LinearOutput::swiglu ? 2 * N : N;
+                    CAPTURE(K);
+                    CAPTURE(int(mode));
+                    CAPTURE(normalize);
+                    Rng rng(uint64_t(K) + 7);
+                    std::vector<float> w(size_t(rows_w) * K), x(K), out(N);
+                    for (float& v : w) v = rng.uniform() - 0.5f;
+                    for (float& v : x) v = 2.0f * rng.uniform() - 1.0f;
+                    for (float& v : out) v = rng.uniform();
+                    double squares = 0.0;
+                    for (const float v : x) squares += double(v) * v;
+                    const double r = normalize ? 1.0 / std::sqrt(squares / K + eps) : 1.0;
+                    std::vector<double> product(rows_w, 0.0);
+                    for (int j = 0; j < rows_w; ++j) {
+                        for (int k = 0; k < K; ++k) product[j] += double(w[size_t(j) * K + k]) * x[k];
+                        product[j] *= r;
+                    }
+                    std::vector<float> expected(N);
+                    for (int j = 0; j < N; ++j) {
+                        const double silu = product[j] / (1.0 + std::exp(-product[j]));
+                        expected[j] = float(mode == LinearOutput::store ? product[j]
+                                            : mode == LinearOutput::add ? out[j] + product[j]
+                                                                        : silu * product[N + j]);
+                    }
+                    DeviceBuffer<float> w_gpu = to_device(w), x_gpu = to_device(x), out_gpu = to_device(out);
+                    linear(model, out_gpu.data, x_gpu.data, w_gpu.data, normalize, 1, K, N, mode);
+                    CUDA_CHECK(cudaStreamSynchronize(model_stream));
+                    CUDA_CHECK(cudaMemcpy(out.data(), out_gpu.data, N * sizeof(float), cudaMemcpyDeviceToHost));
+                    expect_close(out, expected);
+                }
+    }
+    TEST_CASE("prefill + decode equals the full forward on the GPU, up to the last position, also for a model wide "
+              "enough that the decode step splits its q, k, v and [gate; up] rows across warps (D = 800)" *
+              doctest::skip(no_cuda_device())) {
+        for (const int heads : {4, 25}) {
+            CAPTURE(heads);
+            TestModel t = test_model(heads, heads == 4 ? 2 : 1, false, 13);
+            const ModelConfig& c = t.model.config;
+            GpuModel gpu = upload_model(t.model, "6", c.context);
+            const std::vector<int> tokens = random_tokens(c.context, c.vocab_size, 8);
+            const std::vector<float> full = gpu_logits(gpu, tokens, 1, c.context);
+            const auto row = [&](const int position) {
+                return std::vector<float>(full.begin() + size_t(position) * c.vocab_size,
+                                          full.begin() + size_t(position + 1) * c.vocab_size);
+            };
+            for (const int prompt : {1, 50, c.context - 20}) {
+                CAPTURE(prompt);
+                GpuInferenceState state = prefill(gpu, std::span<const int>(tokens.data(), prompt));
+                expect_close(state.logits, row(prompt - 1));
+                for (int position = prompt; position < std::min(prompt + 20, c.context); ++position) {
+                    decode_step(gpu, state, tokens[position]);
+                    CHECK(state.cache.length == position + 1);
+                    expect_close(state.logits, row(position));
+                }
             }
+            // A copy of a state (prefix sharing) decodes like the original.
+            const GpuInferenceState prompt_state = prefill(gpu, std::span<const int>(tokens.data(), 30));
+            GpuInferenceState copy = prompt_state, other = prompt_state;
+            decode_step(gpu, copy, tokens[30]);
+            decode_step(gpu, other, tokens[30]);
+            CHECK(copy.logits == other.logits);
+            expect_close(copy.logits, row(30));
         }
-        // A copy of a state (prefix sharing) decodes like the original.
-        const GpuInferenceState prompt_state = prefill(gpu, std::span<const int>(tokens.data(), 30));
-        GpuInferenceState copy = prompt_state, other = prompt_state;
-        decode_step(gpu, copy, tokens[30]);
-        decode_step(gpu, other, tokens[30]);
-        CHECK(copy.logits == other.logits);
-        expect_close(copy.logits, row(30));
     }
     TEST_CASE("greedy samples equal the CPU's: dense models and every MoE routing case" *
               doctest::skip(no_cuda_device())) {
