@@ -145,8 +145,9 @@ struct DeviceBuffer {
     void poison() { CUDA_CHECK(cudaMemset(data, 0xff, count * sizeof(T))); }
 };
 
-// Page-locked host memory, which a copy captured into a CUDA graph needs (the decode step copies its token in and its
-// logits out inside the graph).
+// Page-locked host memory, mapped into the device's address space: a copy captured into a CUDA graph needs it (the
+// decode step copies its token in inside the graph), and a kernel can write into it directly (device_view), which the
+// decode step's last gemv does with the logits.
 struct PinnedDeleter {
     void operator()(void* pointer) const { cudaFreeHost(pointer); }
 };
@@ -155,8 +156,15 @@ using PinnedArray = std::unique_ptr<T[], PinnedDeleter>;
 template <typename T>
 PinnedArray<T> pinned_array(const size_t n) {
     void* pointer = nullptr;
-    CUDA_CHECK(cudaMallocHost(&pointer, n * sizeof(T)));
+    CUDA_CHECK(cudaHostAlloc(&pointer, n * sizeof(T), cudaHostAllocMapped));
     return PinnedArray<T>(static_cast<T*>(pointer));
+}
+// The address at which kernels reach a PinnedArray.
+template <typename T>
+T* device_view(const PinnedArray<T>& host) {
+    void* device = nullptr;
+    CUDA_CHECK(cudaHostGetDevicePointer(&device, host.get(), 0));
+    return static_cast<T*>(device);
 }
 
 // Grows a scratch buffer to at least n elements (kept between calls, so timed runs do not allocate).
@@ -1321,7 +1329,10 @@ size_t decode_smem_bytes(const AttentionShape& s, const SplitKv& kv) {
 // m = max m_s, then weight_s = e^(m_s - m) l_s (kept in shared memory) and l = sum weight_s; then lane d sums
 // weight_s O_s[d] / l, the loads of several splits in flight together. Every split holds at least one key, so l_s >= 1
 // (its largest score gives 2^0). The partials were written by other blocks: __ldcg reads them from L2, past this SM's L1.
-constexpr int merge_unroll = 4;
+// At 4096 keys a lane walks 64 splits, one L2 round trip per merge_unroll of them. Measured in the decode step (H200,
+// 2026-12-03, positions 3967-4031): 4 splits in flight 0.290-0.294 ms a token, 8 0.285-0.289, 16 0.296-0.299 (more
+// registers), 32 0.328.
+constexpr int merge_unroll = 8;
 
 template <int HD>
 __device__ void merge_splits(float* out, float* lse, const DecodePartials parts, const int64_t first, const int splits,
@@ -1354,7 +1365,6 @@ template <int HD>
 __global__ void __launch_bounds__(decode_threads)
     s7_decode_kernel(float* out, float* lse, const DecodePartials parts, const float* q, const float* k, const float* v,
                      const AttentionShape s, const SplitKv kv) {
-    start_next_kernel();
     extern __shared__ float4 smem4[];
     __shared__ bool merges;
     const int group = s.H / s.G, split = blockIdx.x, splits = gridDim.x, g = blockIdx.y;
@@ -1398,25 +1408,33 @@ __global__ void __launch_bounds__(decode_threads)
     const int cached_keys = max(0, min(n_keys, past - key0));
     copy_keys(0, cached_keys);
     wait_for_previous_kernel();
+    // Only now may the next kernel start (a block that leaves early lets it start as it leaves). Each gemv lets its
+    // successor start at once, so started at our start, o_proj and then [gate; up] would load their 15 MB of weights
+    // while the q, k, v gemv still runs; the queue of those loads made that gemv's hand-over to this kernel 2.2-2.4
+    // us against 0.8 us for the others (timeline, H200, 2026-12-03). Measured in the decode step: 0.180 -> 0.177 ms
+    // a token at positions 2-65, 0.271 -> 0.268 ms at 3967-4031; started only at the exit: 0.186-0.189, 0.281-0.285.
+    start_next_kernel();
     copy_keys(cached_keys, n_keys);
     for (int f = threadIdx.x; f < group * HD; f += decode_threads)
         q_s[f] = q[output_row(g * group + f / HD) * HD + f % HD] * (rsqrtf(float(HD)) * log2_e);
     cp_async_wait_all();
     __syncthreads();  // K, V and q are in shared memory
-    // Scores: one thread per key, its K row in registers, one dot product per query head of the group.
+    // Scores: one thread per key, its K row in registers, one dot product per query head of the group, in four chains
+    // (each FMA waits for the one before it in its chain): 0.293 -> 0.285 ms a token at positions 3967-4031 (H200).
     for (int j = threadIdx.x; j < n_keys; j += decode_threads) {
         float4 key[HD / 4];
 #pragma unroll
         for (int d = 0; d < HD / 4; ++d) key[d] = reinterpret_cast<const float4*>(k_s + j * (HD + 4))[d];
         for (int h = 0; h < group; ++h) {
             const float4* q_h = reinterpret_cast<const float4*>(q_s + h * HD);
-            float dot = 0.0f;
+            float4 dot = {0.0f, 0.0f, 0.0f, 0.0f};  // four independent chains of hd/4 multiply-adds, not one of hd
 #pragma unroll
             for (int d = 0; d < HD / 4; ++d) {
                 const float4 qq = q_h[d];
-                dot += qq.x * key[d].x + qq.y * key[d].y + qq.z * key[d].z + qq.w * key[d].w;
+                dot.x = fmaf(qq.x, key[d].x, dot.x), dot.y = fmaf(qq.y, key[d].y, dot.y);
+                dot.z = fmaf(qq.z, key[d].z, dot.z), dot.w = fmaf(qq.w, key[d].w, dot.w);
             }
-            scores[h * kv.split_keys + j] = dot;
+            scores[h * kv.split_keys + j] = (dot.x + dot.y) + (dot.z + dot.w);
         }
     }
     __syncthreads();  // every score is in shared memory
@@ -2747,11 +2765,11 @@ void moe_ffn(GpuModel& model, const GpuLayer& layer, const int rows) {
                    c.n_shared_experts * c.expert_ffn_dim, rows);
 }
 
-// work.tokens [B*T] (already on the device) -> work.logits [B*T, V]. As model_forward: with a cache, B = 1 and the
-// tokens sit at positions cache.length .. cache.length + T - 1; the device copy of the length advances by T here (the
-// host copy is the caller's). One row launches only, with no synchronisation, so a decode step can be captured into
-// a graph; many rows wait once per MoE layer for its routing (run_expert_batches).
-void gpu_forward(GpuModel& model, const int B, const int T, GpuKvCache* cache) {
+// work.tokens [B*T] (already on the device) -> logits [B*T, V], work.logits unless given. As model_forward: with a
+// cache, B = 1 and the tokens sit at positions cache.length .. cache.length + T - 1; the device copy of the length
+// advances by T here (the host copy is the caller's). One row launches only, with no synchronisation, so a decode
+// step can be captured into a graph; many rows wait once per MoE layer for its routing (run_expert_batches).
+void gpu_forward(GpuModel& model, const int B, const int T, GpuKvCache* cache, float* logits = nullptr) {
     const ModelConfig& c = model.config;
     check(int64_t(B) * T <= model.work.max_rows, "gpu_forward: " + std::to_string(int64_t(B) * T) +
                                                       " positions exceed the " + std::to_string(model.work.max_rows) +
@@ -2773,7 +2791,8 @@ void gpu_forward(GpuModel& model, const int B, const int T, GpuKvCache* cache) {
     }
     if (cache)
         launch_overlapping(model_stream, "advance", advance_kernel, dim3(1), dim3(1), 0, cache->length_on_device.data, T);
-    linear(model, w.logits.data, w.x.data, model.lm_head.data, true, rows, c.dim, c.vocab_size, LinearOutput::store);
+    linear(model, logits ? logits : w.logits.data, w.x.data, model.lm_head.data, true, rows, c.dim, c.vocab_size,
+           LinearOutput::store);
 }
 
 // Token ids are checked against the vocabulary before they go to the device.
@@ -2790,19 +2809,23 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 // prefill and decode_step as in gpt.cpp §11, so gpt.cpp's generate and prefill_prompt run on the GPU unchanged. A
 // decode step's kernels are short (a D x D gemv reads 2.4 MB: half a microsecond at 4.8 TB/s), so launching them one
 // by one from the CPU would cost more than running them: the first decode step of a state is captured into a CUDA
-// graph, with the copy of the token in and of the logits out (through page-locked host memory), and every step replays
-// it (its kernels read the position from the device). Five kernels a layer, each launched to overlap the one before:
+// graph, with the copy of the token in (through page-locked host memory), and every step replays it (its kernels read
+// the position from the device). The last gemv writes the logits straight into page-locked host memory: a copy node
+// at the end of the graph cost about 3 us a token. Five kernels a layer, each launched to overlap the one before:
 // the q, k, v gemv with RoPE and the cache write, stage 7, the o_proj gemv, the [gate; up] gemv with SwiGLU, the down
-// gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.189 ms a
-// token at positions 2-65 and 0.293 ms at 4032-4095, 39% and 34% of the bandwidth limit (309 and 408 MB read a token
-// at the measured 4163 GB/s). Earlier the same day: 0.239 and 0.362 ms before the norm weights were folded into the
+// gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.173 ms a
+// token at positions 2-65 and 0.255 ms at 4032-4095, 43% and 38% of the bandwidth limit (309 and 408 MB read a token
+// at the measured 4169 GB/s). Before the logits went straight to the host, stage 7 took its scores in four chains,
+// merged 8 splits at a time and let o_proj start only after its wait: 0.189 and 0.293 ms. Earlier the same day:
+// 0.239 and 0.362 ms before the norm weights were folded into the
 // matrices, stage 7's P V loop took a lane's columns together and the gemv held whole rows in registers; 0.285 and
 // 0.360 ms before stage 7's empty splits left at once; that morning, before RoPE moved into the gemv, the merge into
 // stage 7's last block, the copies into the graph and the L2 prefetch into the gemv: 0.366 and 0.491 ms (20%). On the
 // H100 (3 TB/s) the first version, seven kernels a layer, took 0.387 ms (27%). What is left is the chain of 63
-// dependent kernels: each hand-over costs about 0.9 us, and after its wait each kernel still takes microseconds (a
-// timeline of the step before the gemv held whole rows: q, k, v 2.0 us, stage 7 2.6, o_proj 1.4, [gate; up] 2.8, down
-// 5.3, whose rows are now split between two warps).
+// dependent kernels: each hand-over costs about 0.8 us, and after its wait each kernel still takes 1.2-2.5 us (a
+// timeline of the step at position 10 before the changes above: q, k, v 1.2-1.7 us, stage 7 2.3-2.7, o_proj 1.2,
+// [gate; up] 1.9-2.0, down 1.3-1.8). The weights are not what waits: asking L2 for the next kernels' weights ahead of
+// time (cp.async.bulk.prefetch, 1 to 4 gemvs ahead) made the step slower, 0.184 -> 0.190-0.211 ms.
 // Prefill of 4096 tokens: 33.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.
@@ -2872,9 +2895,7 @@ void decode_step(GpuModel& model, GpuInferenceState& state, const int token) {
         try {
             CUDA_CHECK(cudaMemcpyAsync(w.tokens.data, w.decode_token.get(), sizeof(int), cudaMemcpyHostToDevice,
                                        model_stream));
-            gpu_forward(model, 1, 1, &state.cache);
-            CUDA_CHECK(cudaMemcpyAsync(w.decode_logits.get(), w.logits.data, sizeof(float) * V, cudaMemcpyDeviceToHost,
-                                       model_stream));
+            gpu_forward(model, 1, 1, &state.cache, device_view(w.decode_logits));
         } catch (const Error&) {
             cudaStreamEndCapture(model_stream, &graph);
             if (graph) cudaGraphDestroy(graph);
