@@ -2815,13 +2815,13 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 // the q, k, v gemv with RoPE and the cache write, stage 7, the o_proj gemv, the [gate; up] gemv with SwiGLU, the down
 // gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.173 ms a
 // token at positions 2-65 and 0.255 ms at 4032-4095, 43% and 38% of the bandwidth limit (309 and 408 MB read a token
-// at the measured 4169 GB/s). Before the logits went straight to the host, stage 7 took its scores in four chains,
-// merged 8 splits at a time and let o_proj start only after its wait: 0.189 and 0.293 ms. Earlier the same day:
-// 0.239 and 0.362 ms before the norm weights were folded into the
-// matrices, stage 7's P V loop took a lane's columns together and the gemv held whole rows in registers; 0.285 and
-// 0.360 ms before stage 7's empty splits left at once; that morning, before RoPE moved into the gemv, the merge into
-// stage 7's last block, the copies into the graph and the L2 prefetch into the gemv: 0.366 and 0.491 ms (20%). On the
-// H100 (3 TB/s) the first version, seven kernels a layer, took 0.387 ms (27%). What is left is the chain of 63
+// at the measured 4169 GB/s). Before four changes (the logits straight to the host; stage 7's scores in four chains,
+// its merge 8 splits at a time, o_proj started only after its wait): 0.189 and 0.293 ms. Earlier the same day: 0.239
+// and 0.362 ms before the norm weights were folded into the matrices, stage 7's P V loop took a lane's columns
+// together and the gemv held whole rows in registers; 0.285 and 0.360 ms before stage 7's empty splits left at once;
+// that morning, before RoPE moved into the gemv, the merge into stage 7's last block, the copies into the graph and
+// the L2 prefetch into the gemv: 0.366 and 0.491 ms (20%). On the H100 (3 TB/s) the first version, seven kernels a
+// layer, took 0.387 ms (27%). What is left is the chain of 63
 // dependent kernels: each hand-over costs about 0.8 us, and after its wait each kernel still takes 1.2-2.5 us (a
 // timeline of the step at position 10 before the changes above: q, k, v 1.2-1.7 us, stage 7 2.3-2.7, o_proj 1.2,
 // [gate; up] 1.9-2.0, down 1.3-1.8). The weights are not what waits: asking L2 for the next kernels' weights ahead of
