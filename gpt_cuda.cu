@@ -1279,8 +1279,9 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
 // for stage 6 on the same one-row problem (20x); with the merge in the last block (H200, 2026-12-03, same command):
 // 0.017 ms (ncu, one decode step of the GPU model: 7.9 us against 4.9 + 4.2 us for the two kernels). The K and V it
 // reads are 8.4 MB, 490 GB/s: at this size the launch and the block's chain of waits, not bandwidth, set the time.
-// In the model's decode step at positions up to 64, where one split holds every key, stage 7 takes about 3.5 us
-// after its wait (a %globaltimer timeline, H200, 2026-12-03), against about 8 us with the partials and the merge.
+// In the model's decode step at positions up to 64, where one split holds every key, stage 7 took about 3.5 us
+// after its wait when that path landed, against about 8 us with the partials and the merge, and 2.3-2.7 us at
+// 3565956 (%globaltimer timelines, H200, 2026-12-03).
 
 // Where the keys and values live and how they are split. Nk = past + Nq: the Nq new rows are the last Nq keys.
 struct SplitKv {
