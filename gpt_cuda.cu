@@ -1101,7 +1101,10 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // ncu at d128 (unroll 8): the issue slots are 74% busy and the FMA pipe 66%; FFMA is 84% of the instructions. Each
 // warp's float4 read from shared memory costs 2 wavefronts when the lanes of each half-warp share one address (Q, P)
 // and 4 when they read 16 different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as
-// long as the FMA pipe would be at full rate.
+// long as the FMA pipe would be at full rate. Yet it is not the limit: a layout of 8 key threads x 2 row threads a
+// half-warp, a quarter fewer wavefronts in the scores and a third fewer in P V, ran at the same speed (H200,
+// 2026-12-03: d128 42.4 against 42.0 TFLOP/s). More likely it is the barriers: at d128 each scheduler has two warps,
+// and both wait at each tile's two barriers.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
@@ -1280,8 +1283,12 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
 // 0.017 ms (ncu, one decode step of the GPU model: 7.9 us against 4.9 + 4.2 us for the two kernels). The K and V it
 // reads are 8.4 MB, 490 GB/s: at this size the launch and the block's chain of waits, not bandwidth, set the time.
 // In the model's decode step at positions up to 64, where one split holds every key, stage 7 took about 3.5 us
-// after its wait when that path landed, against about 8 us with the partials and the merge, and 2.3-2.7 us at
-// 3565956 (%globaltimer timelines, H200, 2026-12-03).
+// after its wait when that path landed, against about 8 us with the partials and the merge. In the step as it is now
+// it takes 4.1-6.4 us after its wait (timeline with no atomics, H200, 2026-12-03): o_proj, [gate; up] and part of
+// down start during it and queue about 12 MB of weight loads, and its own few L2 round trips (q and the new key in,
+// O out) wait in that queue. With no kernel started during it, it takes 2.8 us, but the gemvs then load their
+// weights after their waits and the step is slower (see the inference section). Neither an SM of its own (227 KB of
+// shared memory a block) nor running its code once before the wait (to have the instructions cached) made it faster.
 
 // Where the keys and values live and how they are split. Nk = past + Nq: the Nq new rows are the last Nq keys.
 struct SplitKv {
@@ -2822,11 +2829,14 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 // together and the gemv held whole rows in registers; 0.285 and 0.360 ms before stage 7's empty splits left at once;
 // that morning, before RoPE moved into the gemv, the merge into stage 7's last block, the copies into the graph and
 // the L2 prefetch into the gemv: 0.366 and 0.491 ms (20%). On the H100 (3 TB/s) the first version, seven kernels a
-// layer, took 0.387 ms (27%). What is left is the chain of 63
-// dependent kernels: each hand-over costs about 0.8 us, and after its wait each kernel still takes 1.2-2.5 us (a
-// timeline of the step at position 10 before the changes above: q, k, v 1.2-1.7 us, stage 7 2.3-2.7, o_proj 1.2,
-// [gate; up] 1.9-2.0, down 1.3-1.8). The weights are not what waits: asking L2 for the next kernels' weights ahead of
-// time (cp.async.bulk.prefetch, 1 to 4 gemvs ahead) made the step slower, 0.184 -> 0.190-0.211 ms.
+// layer, took 0.387 ms (27%). What is left is the chain of 63 dependent kernels, about 15 us a layer. A timeline of
+// the step at position 10 (each block's %globaltimer at its start, after its wait and at its end, no atomics; H200,
+// 2026-12-03): a hand-over costs 0.6-0.9 us, and after its wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4,
+// o_proj 1.1, [gate; up] 1.8-2.1, down 1.1-2.4. Stage 7 is slow because the gemvs after it load their weights
+// during it (see stage 7); every way of loading them later was slower overall: each gemv starting its successor
+// only once its own weights had arrived (0.175-0.178 against 0.174-0.176 ms), stage 7 starting o_proj at its exit (0.186-0.189
+// against 0.183). Asking L2 for the weights earlier was slower too (cp.async.bulk.prefetch 1 to 4 gemvs ahead:
+// 0.184 -> 0.190-0.211 ms).
 // Prefill of 4096 tokens: 33.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.
