@@ -1103,8 +1103,9 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // and 4 when they read 16 different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as
 // long as the FMA pipe would be at full rate. Yet it is not the limit: a layout of 8 key threads x 2 row threads a
 // half-warp, a quarter fewer wavefronts in the scores and a third fewer in P V, ran at the same speed (H200,
-// 2026-12-03: d128 42.4 against 42.0 TFLOP/s). More likely it is the barriers: at d128 each scheduler has two warps,
-// and both wait at each tile's two barriers.
+// 2026-12-03: d128 42.4 against 42.0 TFLOP/s). Nor is it the barriers with two warps a scheduler: 512 threads owning
+// 4 rows each (16 warps an SM at d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA. What the idle
+// issue slots wait on is not pinned down yet.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
