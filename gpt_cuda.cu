@@ -2815,29 +2815,24 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 }
 
 // ==== GPU model: inference and evaluation ====
-// prefill and decode_step as in gpt.cpp §11, so gpt.cpp's generate and prefill_prompt run on the GPU unchanged. A
-// decode step's kernels are short (a D x D gemv reads 2.4 MB: half a microsecond at 4.8 TB/s), so launching them one
-// by one from the CPU would cost more than running them: the first decode step of a state is captured into a CUDA
-// graph, with the copy of the token in (through page-locked host memory), and every step replays it (its kernels read
-// the position from the device). The last gemv writes the logits straight into page-locked host memory: a copy node
-// at the end of the graph cost about 3 us a token. Five kernels a layer, each launched to overlap the one before:
-// the q, k, v gemv with RoPE and the cache write, stage 7, the o_proj gemv, the [gate; up] gemv with SwiGLU, the down
-// gemv. Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.173 ms a
-// token at positions 2-65 and 0.255 ms at 4032-4095, 43% and 38% of the bandwidth limit (309 and 408 MB read a token
-// at the measured 4169 GB/s). Before four changes (the logits straight to the host; stage 7's scores in four chains,
-// its merge 8 splits at a time, o_proj started only after its wait): 0.189 and 0.293 ms. Earlier the same day: 0.239
-// and 0.362 ms before the norm weights were folded into the matrices, stage 7's P V loop took a lane's columns
-// together and the gemv held whole rows in registers; 0.285 and 0.360 ms before stage 7's empty splits left at once;
-// that morning, before RoPE moved into the gemv, the merge into stage 7's last block, the copies into the graph and
-// the L2 prefetch into the gemv: 0.366 and 0.491 ms (20%). On the H100 (3 TB/s) the first version, seven kernels a
-// layer, took 0.387 ms (27%). What is left is the chain of 63 dependent kernels, about 15 us a layer. A timeline of
-// the step at position 10 (each block's %globaltimer at its start, after its wait and at its end, no atomics; H200,
-// 2026-12-03): a hand-over costs 0.6-0.9 us, and after its wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4,
-// o_proj 1.1, [gate; up] 1.8-2.1, down 1.1-2.4. Stage 7 is slow because the gemvs after it load their weights
-// during it (see stage 7); every way of loading them later was slower overall: each gemv starting its successor
-// only once its own weights had arrived (0.175-0.178 against 0.174-0.176 ms), stage 7 starting o_proj at its exit (0.186-0.189
-// against 0.183). Asking L2 for the weights earlier was slower too (cp.async.bulk.prefetch 1 to 4 gemvs ahead:
-// 0.184 -> 0.190-0.211 ms).
+// prefill and decode_step as in gpt.cpp §11, so gpt.cpp's generate and prefill_prompt run on the GPU unchanged.
+// A decode step reads every weight once and does two flops with each, so memory bandwidth sets its limit:
+//   time a token >= (bytes of the weights + bytes of the KV cache read) / bandwidth.
+// Its kernels are short (a D x D gemv reads 2.4 MB: half a microsecond at 4.8 TB/s), so launching them one by one
+// from the CPU would cost more than running them. Three things keep the GPU on the work instead:
+//  - the first decode step of a state is captured into a CUDA graph, with the copy of the token in (through
+//    page-locked host memory), and every step replays it; its kernels read the position from the device;
+//  - five kernels a layer (the q, k, v gemv with RoPE and the cache write, stage 7, o_proj, [gate; up] with SwiGLU,
+//    down), each launched to overlap the one before, so that a gemv loads its weights before it waits for its input;
+//  - the last gemv writes the logits straight into page-locked host memory (a copy node cost about 3 us a token).
+// Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.173 ms a token
+// at positions 2-65 and 0.255 ms at 4032-4095, 43% and 38% of the bandwidth limit (309 and 408 MB a token at the
+// measured 4169 GB/s); the first version took 0.366 and 0.491 ms, and the README has each step in between. What is
+// left is the chain of 63 dependent kernels, about 15 us a layer. A timeline of the step at position 10 (each
+// block's %globaltimer at its start, after its wait and at its end): a hand-over costs 0.6-0.9 us, and after its
+// wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4, o_proj 1.1, [gate; up] 1.8-2.1, down 1.1-2.4. Stage 7 is slow
+// because the gemvs after it load their weights during it (see stage 7), yet every way tried of loading them later
+// or earlier made the step slower (the README lists them with their numbers).
 // Prefill of 4096 tokens: 33.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.
