@@ -1103,9 +1103,9 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // and 4 when they read 16 different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as
 // long as the FMA pipe would be at full rate. Yet it is not the limit: a layout of 8 key threads x 2 row threads a
 // half-warp, a quarter fewer wavefronts in the scores and a third fewer in P V, ran at the same speed (H200,
-// 2026-12-03: d128 42.4 against 42.0 TFLOP/s). Nor is it the barriers with two warps a scheduler: 512 threads owning
-// 4 rows each (16 warps an SM at d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA. What the idle
-// issue slots wait on is not pinned down yet.
+// 2026-12-03: d128 42.4 against 42.0 TFLOP/s). More warps to hide the barriers did not help either: 512 threads
+// owning 4 rows each (16 warps an SM at d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA. What the
+// idle issue slots wait on is not pinned down yet.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
@@ -2827,7 +2827,7 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 //  - the last gemv writes the logits straight into page-locked host memory (a copy node cost about 3 us a token).
 // Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.173 ms a token
 // at positions 2-65 and 0.255 ms at 4032-4095, 43% and 38% of the bandwidth limit (309 and 408 MB a token at the
-// measured 4169 GB/s); the first version took 0.366 and 0.491 ms, and the README has each step in between. What is
+// measured 4169 GB/s); at the start of that day it took 0.366 and 0.491 ms, and the README has each step since. What is
 // left is the chain of 63 dependent kernels, about 15 us a layer. A timeline of the step at position 10 (each
 // block's %globaltimer at its start, after its wait and at its end): a hand-over costs 0.6-0.9 us, and after its
 // wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4, o_proj 1.1, [gate; up] 1.8-2.1, down 1.1-2.4. Stage 7 is slow
