@@ -29,38 +29,44 @@
 //   5      s5_attention_flash2               fused FlashAttention-2: a block owns its rows, state in registers
 //   6      s6_attention_flash_causal         causal tile skipping, masking only diagonal tiles, longest blocks first
 //   7      s7_attention_decode_split         decode: a few query rows, the KEYS split across blocks, partials merged
+//   8      s8_attention_tensor_cores         stage 6 on the tensor cores, operands split in two TF32 parts (3xTF32)
 //
-// Then the whole model: a gpt.cpp checkpoint on the GPU (./gpt_cuda eval, ./gpt_cuda sample), with stage 2-6 attention
-// for many positions (--stage), stage 7 for each decode step, and a decode step replayed from a CUDA graph.
+// Then the whole model: a gpt.cpp checkpoint on the GPU (./gpt_cuda eval, ./gpt_cuda sample), with stage 2-6 or 8
+// attention for many positions (--stage), stage 7 for each decode step, and a decode step replayed from a CUDA graph.
 //
-// Measured on an NVIDIA H100 80GB HBM3, 2026-11-24, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full
-// table, causal and not, is in each stage's banner and in out/cuda_bench.md). fp32 peak 66.9 TFLOP/s, DRAM 3352 GB/s.
+// Measured on an NVIDIA H200, 2026-12-03, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full table,
+// causal and not, is in out/cuda_bench.md and the README). fp32 peak 66.9 TFLOP/s, DRAM 4814 GB/s.
 //   stage  workload                        ms       TFLOP/s   GB/s   x over the previous stage of its kind
-//   0a     x [98304, 1024]                 0.321     0.31     2505
-//   0b     x [98304, 1024]                 0.143     0.70     2816
-//   0c     x [98304, 1024]                 0.392     1.3      2053
-//   3a     x [98304, 1024]                 0.550     0.92     1464   0.71 (vs 0c; see stage 3)
-//   cuBLAS 4096^3                          2.664    51.6
-//   1a     4096^3                         24.537     5.6
-//   1b     4096^3                         15.409     8.9             1.59
-//   1c     4096^3                          3.373    40.7             4.57   (79% of cuBLAS)
-//   1d     4096^3, B transposed            3.375    40.7
-//   2      B4 H16 N4096 d64               14.585    18.8
-//   3b     B4 H16 N4096 d64               45.908     6.0             0.32   (see stage 3)
-//   4      B4 H16 N4096 d64               12.537    21.9             3.66
-//   5      B4 H16 N4096 d64                6.965    39.5             1.80
-//   6      B4 H16 N4096 d64                6.921    39.7             1.01   (non-causal: the same work as 5)
-//   5      B4 H16 N4096 d64 causal         7.052    19.5             1.79
-//   6      B4 H16 N4096 d64 causal         3.886    35.4             1.81
-//   5      B2 H16 N8192 d128              26.104    42.1             2.08
-//   6      B2 H16 N8192 d128              26.329    41.8             0.99
-//   6      B2 H16 N8192 d128 causal       13.829    39.8             1.90   (vs 5 causal, 26.255 ms)
+//   0a     x [98304, 1024]                 0.264     0.38     3054
+//   0b     x [98304, 1024]                 0.121     0.83     3331
+//   0c     x [98304, 1024]                 0.366     1.4      2200
+//   3a     x [98304, 1024]                 0.549     0.92     1466   0.67 (vs 0c; see stage 3)
+//   cuBLAS 4096^3                          2.685    51.2
+//   1a     4096^3                         25.036     5.5
+//   1b     4096^3                         15.842     8.7             1.58
+//   1c     4096^3                          3.380    40.7             4.69   (79% of cuBLAS)
+//   1d     4096^3, B transposed            3.365    40.8
+//   2      B4 H16 N4096 d64               14.187    19.4
+//   3b     B4 H16 N4096 d64               44.572     6.2             0.32   (see stage 3)
+//   4      B4 H16 N4096 d64               12.215    22.5             3.65
+//   5      B4 H16 N4096 d64                6.963    39.5             1.75
+//   6      B4 H16 N4096 d64                6.926    39.7             1.01   (non-causal: the same work as 5)
+//   8      B4 H16 N4096 d64                4.602    59.7             1.50   (tensor cores)
+//   5      B4 H16 N4096 d64 causal         7.044    19.5             1.74
+//   6      B4 H16 N4096 d64 causal         3.865    35.6             1.82
+//   8      B4 H16 N4096 d64 causal         2.589    53.1             1.49
+//   5      B2 H16 N8192 d128              26.108    42.1             2.03
+//   6      B2 H16 N8192 d128              26.335    41.8             0.99
+//   8      B2 H16 N8192 d128              18.753    58.6             1.40
+//   6      B2 H16 N8192 d128 causal       13.851    39.7             1.90   (vs 5 causal, 26.260 ms)
+//   8      B2 H16 N8192 d128 causal        9.882    55.6             1.40
+// The stage banners keep the numbers of the machine each stage was tuned on (the H100 for stages 0-6).
 // The last flash-kernel changes (P V unrolled by 16, exp2 as ex2.approx.ftz) were timed against the build before them
 // in one run of `./gpt_cuda run` (2026-11-24): B2 H16 N8192 d128 stage 5 26.50 -> 26.14 ms, B4 H16 N4096 d64 stage 5
 // 7.09 -> 6.97 ms, stage 6 causal 3.96 -> 3.87 ms.
 //
-// Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | stage 7 | runner |
-// GPU model: layer kernels | weights, cache, forward | inference and evaluation | bench | CLI.
+// Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | stage 7 | stage 8 |
+// runner | GPU model: layer kernels | weights, cache, forward | inference and evaluation | bench | CLI.
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -1226,6 +1232,18 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // Non-causal it does stage 5's work: B4 H16 N4096 d64 6.92 ms, 39.7 TFLOP/s (7.04 ms, 39.1; 7.42 ms, 37.0);
 // B2 H16 N8192 d128 26.3 ms, 41.8 TFLOP/s (26.6 ms, 41.3; 27.3 ms, 40.2). Earlier, with unroll 4 (./gpt_cuda bench):
 // causal B8 H12 N1024 d64 0.518 ms, 24.9 TFLOP/s (1.38x of stage 5).
+
+// The keys a block of query rows [row0, row0 + rows) attends to: keys [0, key_end) are seen by some row of the block,
+// keys [0, full_end) by every row of it.
+struct BlockKeys {
+    int key_end, full_end;
+};
+__device__ BlockKeys block_keys(const AttentionShape& s, const int row0, const int rows) {
+    if (!s.causal) return {s.Nk, s.Nk};
+    const int last_row = min(row0 + rows, s.Nq) - 1;
+    return {min(s.Nk, last_row + s.Nk - s.Nq + 1), min(s.Nk, row0 + s.Nk - s.Nq + 1)};
+}
+
 template <int HD>
 __global__ void __launch_bounds__(flash_threads)
     s6_attention_flash_causal_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
@@ -1233,10 +1251,7 @@ __global__ void __launch_bounds__(flash_threads)
     extern __shared__ float4 smem4[];
     const FlashTiles tiles = carve_flash_tiles<HD>(reinterpret_cast<float*>(smem4));
     const int row0 = (gridDim.x - 1 - blockIdx.x) * flash_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
-    const int last_row = min(row0 + flash_rows, s.Nq) - 1;
-    // Keys [0, key_end) are seen by some row of the block; keys [0, full_end) by every row of it.
-    const int key_end = s.causal ? min(s.Nk, last_row + s.Nk - s.Nq + 1) : s.Nk;
-    const int full_end = s.causal ? min(s.Nk, row0 + s.Nk - s.Nq + 1) : s.Nk;
+    const auto [key_end, full_end] = block_keys(s, row0, flash_rows);
     const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
     const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
     if (key_end > 0) load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k_head, 0, s.Nk);
@@ -1524,6 +1539,209 @@ void s7_attention_decode_split(float* out, float* lse, const float* q, const flo
     decode_attention(nullptr, out, lse, q, k, v, s, kv, workspace);
 }
 
+// ==== Stage 8: tensor cores, split-precision TF32 (3xTF32) ====
+// Stage 8: stage 6's loop with its two products per tile, S = Q K_j^T and acc += P V_j, on the tensor cores. A tensor
+// core multiplies TF32 numbers (fp32 with a 10-bit mantissa) and adds in fp32, many times faster than the FMA units,
+// but one TF32 product keeps only about 3 decimal digits: scores of +-80 would be off by 0.04, 4% in e^s. Splitting
+// each operand x = big + small, both TF32, and summing three products
+//   a b ~ a_big b_big + a_big b_small + a_small b_big          (a_small b_small, under 2^-22 |a b|, is dropped)
+// brings back nearly fp32's accuracy at three tensor-core products per product (3xTF32).
+// The instruction is mma.sync m16n8k8: a warp multiplies a 16 x 8 tile of A by an 8 x 8 tile of B into a 16 x 8 tile
+// of C, each lane holding fixed elements (g = lane / 4, t = lane % 4):
+//   A: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);   B: (k = t, n = g), (t + 4, g);
+//   C: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+// A warp owns 16 query rows, a block 128 (8 warps), and K/V tiles of 64 keys come in as in stage 6 (cp.async, V_j
+// while S is computed, K_j+1 while P V_j is). S's C tiles become P's A tiles in the registers they are in, with no
+// shuffle and no trip through shared memory: within each group of 8 keys, the product's k index t stands for key 2t
+// and t + 4 for key 2t + 1, and V's B tile is read in that order of keys. Q, K and V rows sit in shared memory at a
+// stride of hd + 4 floats, so each fragment load hits 32 different banks. Masks, tile skipping and the online softmax
+// are stage 6's, applied to the C tiles (the 4 lanes of a group share a row: two shuffles for its max).
+// Changes from stage 6: both products as mma.sync on split operands, P kept in registers. Faster because a tensor core
+// instruction does 2048 flops where an FFMA does 64, so even at three per product and the splitting around them the
+// FMA pipe's limit is left behind. Measured (H200, 2026-12-03, ./gpt_cuda bench): B2 H16 N8192 d128 18.8 ms,
+// 58.6 TFLOP/s (1.40x stage 6), causal 9.88 ms, 55.6 (1.40x); B4 H16 N4096 d64 59.7 (1.50x), causal 53.1 (1.49x);
+// B8 H12 N1024 d64 57.6, causal 39.8. What it took, each step measured against the one before (H200, 2026-12-03,
+// two device runs of ./gpt_cuda run --stage 8 --runs 10, d128 / d64 as above; stage 6 41.8 / 39.7 TFLOP/s):
+//   1. the three products of each tile back to back, the split by cvt.rna.tf32:            39.7 / 38.7 TFLOP/s
+//   2. S kept in registers: a loop over S's tiles that was not unrolled indexed the array
+//      with a variable, which puts it in local memory (ptxas: 128 bytes of stack):          d64 40.4
+//   3. the three products as three passes over all the tiles that share one A tile (so
+//      consecutive mma do not wait for each other's accumulator):                          d64 40.8
+//   4. two blocks an SM at hd <= 80 (128 registers; ptxas spills a few bytes at 64 and 80): 44.8 / 44.5
+//   5. the split by an integer add and a mask instead of cvt.rna.tf32, which sm_90 runs as
+//      four instructions (an infinity test, the add, the mask, a select): 3 a split, not 9
+//      (ncu at step 4: the ALU pipe was 50% busy, the tensor pipe 42%):                    58.5 / 59.8
+// Splitting K and V once per tile into shared memory, instead of every warp splitting its fragments, helped while the
+// split was expensive (d64 50.9 against 44.5 at step 4) and hurt after step 5 (48.4 / 54.3 against 58.5 / 59.8).
+// Accuracy: max |error| 5e-6 at d128 against stage 6's 4e-7, twenty times inside the tolerance (1e-4 + 1e-3 |ref|).
+constexpr int s8_rows = 128, s8_threads = 256;  // 8 warps of 16 rows; K/V tiles of flash_keys (64) keys
+static_assert(flash_keys == 64 && s8_threads == flash_threads, "stage 8 loads its K/V tiles with stage 4's loader");
+template <int HD>
+constexpr int s8_stride = HD + 4;
+template <int HD>
+constexpr size_t s8_smem_bytes = sizeof(float) * size_t(s8_rows + 2 * flash_keys) * s8_stride<HD>;
+
+// x = big + small, both as the 32-bit patterns the tensor core reads. big is x rounded to TF32 (add half a TF32 ulp to
+// the bit pattern, clear the 13 low bits: round half away from zero); small = x - big is exact in fp32, and the tensor
+// core reads only its top 11 significant bits, which drops less than 2^-22 |x|.
+struct Tf32Split {
+    uint32_t big, small;
+};
+__device__ Tf32Split split_tf32(const float x) {
+    const uint32_t big = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+    return {big, __float_as_uint(x - __uint_as_float(big))};
+}
+
+// c += a b for one m16n8k8 tile: a[4], b[2] are this lane's elements (layout above) as TF32, c[4] fp32.
+__device__ void mma_tf32(float (&c)[4], const uint32_t a0, const uint32_t a1, const uint32_t a2, const uint32_t a3,
+                         const uint32_t b0, const uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// c[i] += a b[i] for N tiles sharing one A, in 3xTF32: each of the three products is one pass over the N tiles, so
+// an mma never waits for the one just before it (the small products first, so they are not lost against the big one).
+template <int N>
+__device__ void mma_3xtf32(float (*c)[4], const Tf32Split (&a)[4], const Tf32Split (&b)[N][2]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_tf32(c[i], a[0].small, a[1].small, a[2].small, a[3].small, b[i][0].big, b[i][1].big);
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_tf32(c[i], a[0].big, a[1].big, a[2].big, a[3].big, b[i][0].small, b[i][1].small);
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_tf32(c[i], a[0].big, a[1].big, a[2].big, a[3].big, b[i][0].big, b[i][1].big);
+}
+
+template <int HD>
+__global__ void __launch_bounds__(s8_threads, HD <= 80 ? 2 : 1)
+    s8_attention_tensor_cores_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
+                                     const AttentionShape s) {
+    constexpr int S = s8_stride<HD>, key_tiles = flash_keys / 8;
+    extern __shared__ float4 smem4[];
+    float* q_s = reinterpret_cast<float*>(smem4);  // [128][hd + 4], scaled by log2(e) / sqrt(hd)
+    float* k_s = q_s + s8_rows * S;                 // [64][hd + 4]
+    float* v_s = k_s + flash_keys * S;              // [64][hd + 4]
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, m0 = threadIdx.x / 32 * 16;
+    // Rows, keys and heads as in stage 6, the longest blocks first.
+    const int row0 = (gridDim.x - 1 - blockIdx.x) * s8_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
+    const auto [key_end, full_end] = block_keys(s, row0, s8_rows);
+    const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
+    const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
+    if (key_end > 0) load_kv_tile_async<HD>(k_s, S, k_head, 0, s.Nk);
+    const float* q_head = q + int64_t(head) * s.Nq * HD;
+    const float q_scale = rsqrtf(float(HD)) * log2_e;
+    for (int f = threadIdx.x; f < s8_rows * HD / 4; f += s8_threads) {
+        const int row = f / (HD / 4), d = (f % (HD / 4)) * 4;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (row0 + row < s.Nq) x = *reinterpret_cast<const float4*>(q_head + int64_t(row0 + row) * HD + d);
+        *reinterpret_cast<float4*>(q_s + row * S + d) =
+            make_float4(x.x * q_scale, x.y * q_scale, x.z * q_scale, x.w * q_scale);
+    }
+    // This lane's share of O (rows g and g + 8 of the warp, columns 8c + 2t and 8c + 2t + 1), and m, l of its 2 rows.
+    float acc[HD / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    cp_async_wait_all();
+    __syncthreads();  // Q and K_0 are in shared memory
+    for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
+        load_kv_tile_async<HD>(v_s, S, v_head, key0, s.Nk);  // V_j streams in while S is computed
+        // S = Q K_j^T: the warp's 16 rows x 64 keys, 8 C tiles; hd / 8 steps of k, each one A tile of Q and 8 B
+        // tiles of K.
+        float scores[key_tiles][4] = {};
+#pragma unroll 2
+        for (int k0 = 0; k0 < HD; k0 += 8) {
+            const float* q_row = q_s + (m0 + g) * S + k0 + t;
+            const Tf32Split a[4] = {split_tf32(q_row[0]), split_tf32(q_row[8 * S]), split_tf32(q_row[4]),
+                                    split_tf32(q_row[8 * S + 4])};
+            Tf32Split b[key_tiles][2];
+#pragma unroll
+            for (int n = 0; n < key_tiles; ++n) {
+                const float* k_row = k_s + (8 * n + g) * S + k0 + t;
+                b[n][0] = split_tf32(k_row[0]), b[n][1] = split_tf32(k_row[4]);
+            }
+            mma_3xtf32(scores, a, b);
+        }
+        if (key0 + flash_keys > full_end) {  // a tile crossing the diagonal or the end of K: mask as stage 6 does
+#pragma unroll
+            for (int n = 0; n < key_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = row0 + m0 + g + 8 * (e / 2), key = key0 + 8 * n + 2 * t + e % 2;
+                    const int last_key = s.causal ? min(s.Nk - 1, row + s.Nk - s.Nq) : s.Nk - 1;
+                    if (key > last_key) scores[n][e] = -INFINITY;
+                }
+        }
+        // Online softmax of the lane's two rows (r = 0: row g, elements 0 and 1; r = 1: row g + 8, elements 2 and 3).
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float tile_max = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < key_tiles; ++n) tile_max = fmaxf(tile_max, fmaxf(scores[n][2 * r], scores[n][2 * r + 1]));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            const float m_new = fmaxf(m[r], tile_max);
+            const float m_safe = m_new == -INFINITY ? 0.0f : m_new;  // a row that has seen no key keeps P = 0
+            const float correction = exp2_flush(m[r] - m_safe);
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < key_tiles; ++n) {
+                sum += (scores[n][2 * r] = exp2_flush(scores[n][2 * r] - m_safe));
+                sum += (scores[n][2 * r + 1] = exp2_flush(scores[n][2 * r + 1] - m_safe));
+            }
+            l[r] = l[r] * correction + sum;  // the lane's share; the 4 shares of a row are added once, at the end
+#pragma unroll
+            for (int c = 0; c < HD / 8; ++c) acc[c][2 * r] *= correction, acc[c][2 * r + 1] *= correction;
+            m[r] = m_new;
+        }
+        cp_async_wait_all();
+        __syncthreads();  // V_j is complete, and every warp is done reading K_j
+        if (key0 + flash_keys < key_end) load_kv_tile_async<HD>(k_s, S, k_head, key0 + flash_keys, s.Nk);
+        // acc += P V_j, 8 keys at a time: P's A tile is S's C tile n (k index t = key 2t, t + 4 = key 2t + 1), and
+        // the B tiles are V's rows 8n + 2t and 8n + 2t + 1, groups of output columns at a time.
+        constexpr int column_tiles = HD / 8 <= 8 ? HD / 8 : HD / 16;  // B tiles per pass: 4, 8, 5, 8 at hd 32-128
+#pragma unroll
+        for (int n = 0; n < key_tiles; ++n) {
+            const Tf32Split p[4] = {split_tf32(scores[n][0]), split_tf32(scores[n][2]), split_tf32(scores[n][1]),
+                                    split_tf32(scores[n][3])};
+            const float* v_row = v_s + (8 * n + 2 * t) * S + g;
+#pragma unroll
+            for (int c0 = 0; c0 < HD / 8; c0 += column_tiles) {
+                Tf32Split b[column_tiles][2];
+#pragma unroll
+                for (int i = 0; i < column_tiles; ++i)
+                    b[i][0] = split_tf32(v_row[8 * (c0 + i)]), b[i][1] = split_tf32(v_row[S + 8 * (c0 + i)]);
+                mma_3xtf32(acc + c0, p, b);
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();  // K_j+1 is complete, and every warp is done reading V_j
+    }
+    // O = acc / l and LSE = (m + log2 l) ln 2; a row with l = 0 saw no key: O = 0, LSE = -inf.
+    float* out_head = out + int64_t(head) * s.Nq * HD;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l_row = l[r] + __shfl_xor_sync(0xffffffffu, l[r], 1);  // every lane shuffles before any skips a row
+        l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+        const int row = row0 + m0 + g + 8 * r;
+        if (row >= s.Nq) continue;
+        const float inv_l = l_row > 0.0f ? 1.0f / l_row : 0.0f;
+#pragma unroll
+        for (int c = 0; c < HD / 8; ++c)
+            *reinterpret_cast<float2*>(out_head + int64_t(row) * HD + 8 * c + 2 * t) =
+                make_float2(acc[c][2 * r] * inv_l, acc[c][2 * r + 1] * inv_l);
+        if (t == 0) lse[int64_t(head) * s.Nq + row] = l_row > 0.0f ? (m[r] + log2f(l_row)) * ln_2 : -INFINITY;
+    }
+}
+
+void s8_attention_tensor_cores(float* out, float* lse, const float* q, const float* k, const float* v,
+                               const AttentionShape& s, DeviceBuffer<float>&) {
+    check_attention_shape("8", s);
+    dispatch_head_size("8", s.hd, [&](auto hd) {
+        constexpr int HD = decltype(hd)::value;
+        launch("s8_attention_tensor_cores", s8_attention_tensor_cores_kernel<HD>,
+               dim3(ceil_div(s.Nq, s8_rows), s.B * s.H), dim3(s8_threads), s8_smem_bytes<HD>, out, lse, q, k, v, s);
+    });
+}
+
 // ==== Runner ====
 // The stages[] table names every stage once: its id (the CLI's --stage, the bench table's first column and the
 // prefix of its kernels), its launcher and its idea. run_stage() makes random inputs, computes the reference with
@@ -1538,7 +1756,7 @@ using AttentionLaunch = void (*)(float*, float*, const float*, const float*, con
                                  DeviceBuffer<float>&);
 
 struct Stage {
-    const char* id;      // "0a" ... "6"
+    const char* id;      // "0a" ... "8"
     const char* kernel;  // its launcher
     const char* idea;
     StageKind kind;
@@ -1619,6 +1837,11 @@ const Stage stages[] = {
      .idea = "decode: keys split across blocks, partials merged (flash-decoding)",
      .kind = StageKind::attention,
      .attention = s7_attention_decode_split},
+    {.id = "8",
+     .kernel = "s8_attention_tensor_cores",
+     .idea = "stage 6 on the tensor cores, split-precision TF32 (3xTF32)",
+     .kind = StageKind::attention,
+     .attention = s8_attention_tensor_cores},
 };
 
 // The bench's yardstick for stage 1, run through the same check; not a stage of the course.
@@ -2379,7 +2602,7 @@ __global__ void combine_experts_kernel(float* x, const float* outputs, const int
 // the head, a copy of the embedding when tied), so the norm on the GPU is x r and a decode step reads one vector less
 // a kernel. The results differ from the CPU's only by rounding. The activations are allocated once, for up to
 // max_rows positions, and reused (a captured decode graph holds their addresses). gpu_forward mirrors model_forward
-// line by line; the attention stage is chosen with --stage (stages 2-6 for many rows; a decode step uses stage 7).
+// line by line; the attention stage is chosen with --stage (stages 2-6 and 8 for many rows; a decode step uses stage 7).
 // A Mixture-of-Experts layer keeps its router and bias, its experts' [gate; up] stacked expert after expert, their
 // down projections, and the shared expert's [gate; up] and down (the dense path's layout, at hidden size S Fe).
 
@@ -2427,7 +2650,7 @@ struct GpuActivations {
 
 struct GpuModel {
     ModelConfig config;
-    const Stage* attention_stage = nullptr;  // many-row attention: stage 2, 3b, 4, 5 or 6
+    const Stage* attention_stage = nullptr;  // many-row attention: stage 2, 3b, 4, 5, 6 or 8
     DeviceBuffer<float> embed;               // [V, D]
     std::vector<GpuLayer> layers;
     DeviceBuffer<float> lm_head;             // [V, D], the final norm folded in (so a copy of embed when tied)
@@ -2513,7 +2736,7 @@ DeviceBuffer<float> stacked_on_device(const std::vector<const Tensor*>& parts, c
 const Stage& model_attention_stage(const std::string& id) {
     const Stage& stage = find_stage(id);
     check(stage.kind == StageKind::attention && std::string_view(stage.id) != "7",
-          "--stage " + id + " is not an attention stage for many rows (2, 3b, 4, 5 or 6)");
+          "--stage " + id + " is not an attention stage for many rows (2, 3b, 4, 5, 6 or 8)");
     return stage;
 }
 
@@ -3071,7 +3294,8 @@ std::string bench_svg(const std::vector<CudaBenchRow>& rows, const DevicePeaks& 
     constexpr int width = 980, label_width = 300, bar_height = 18, gap = 4, group_gap = 12, top = 50;
     const std::map<std::string, const char*> colors = {
         {"cuBLAS", "#9e9e9e"}, {"1a", "#e57373"}, {"1b", "#ffb74d"}, {"1c", "#81c784"}, {"1d", "#4db6ac"},
-        {"2", "#e57373"},      {"3b", "#ffb74d"}, {"4", "#fff176"},  {"5", "#81c784"},  {"6", "#4fc3f7"}};
+        {"2", "#e57373"},      {"3b", "#ffb74d"}, {"4", "#fff176"},  {"5", "#81c784"},  {"6", "#4fc3f7"},
+        {"8", "#9575cd"}};
     std::vector<const CudaBenchRow*> bars;
     int groups = 0;
     for (const CudaBenchRow& row : rows)
@@ -3165,7 +3389,7 @@ std::vector<CudaBenchRow> run_bench(const BenchOptions& options, const DevicePea
     for (AttentionShape shape : shapes)
         for (const bool causal : {false, true}) {
             shape.causal = causal, config.shape = shape;
-            run_group(StageKind::attention, config, {stage("2"), stage("3b"), stage("4"), stage("5"), stage("6")});
+            run_group(StageKind::attention, config, {stage("2"), stage("3b"), stage("4"), stage("5"), stage("6"), stage("8")});
         }
     return rows;
 }
@@ -3253,7 +3477,7 @@ ModelBench run_model_bench(const bool quick) {
     }
     const double cpu_decode_seconds = cpu_decode_timer.seconds();
     // GPU prefill of the whole context with each many-row attention stage (the median of 3 after a warm-up).
-    for (const char* id : {"2", "3b", "4", "5", "6"}) {
+    for (const char* id : {"2", "3b", "4", "5", "6", "8"}) {
         gpu.attention_stage = &find_stage(id);
         std::vector<double> seconds;
         for (int run = 0; run < 4; ++run) {
@@ -3320,7 +3544,7 @@ Command gpu_model_command(const std::string& name) {
     std::erase_if(command.flags, [](const FlagSpec& flag) { return flag.name == "--threads"; });
     command.summary += ", on the GPU";
     command.flags.push_back(
-        {"--stage", "6", "attention stage for many positions (prompt, eval windows): 2, 3b, 4, 5 or 6; decode uses 7"});
+        {"--stage", "6", "attention stage for many positions (prompt, eval windows): 2, 3b, 4, 5, 6 or 8; decode uses 7"});
     return command;
 }
 
@@ -3330,7 +3554,7 @@ std::vector<Command> cuda_commands() {
         gpu_model_command("sample"),
         {"run",
          "run one stage on random inputs, check it against gpt.cpp's attention, time it",
-         {{"--stage", "", "stage id: 0a 0b 0c 1a 1b 1c 1d 2 3a 3b 4 5 6 7 (required)"},
+         {{"--stage", "", "stage id: 0a 0b 0c 1a 1b 1c 1d 2 3a 3b 4 5 6 7 8 (required)"},
           {"--batch", "1", "B, sequences"},
           {"--heads", "4", "H, query heads"},
           {"--kv-heads", "", "G, key/value heads, dividing H (default H)"},
@@ -3358,7 +3582,7 @@ std::string cuda_usage() {
         "usage: ./gpt_cuda command [flags]   attention on the GPU, stage by stage, checked against gpt.cpp; and the\n"
         "whole model of a gpt.cpp checkpoint on the GPU (eval, sample)\n"
         "Stage 0 and 3a work on the score matrix [B*H*Nq, Nk]; stages 1a-1c on B*H products [Nq, Nk] x [Nk, hd],\n"
-        "1d on [Nq, hd] x [Nk, hd]^T; stages 2-6 on Q [B, H, Nq, hd], K and V [B, G, Nk, hd].\n";
+        "1d on [Nq, hd] x [Nk, hd]^T; stages 2-8 on Q [B, H, Nq, hd], K and V [B, G, Nk, hd].\n";
     for (const Command& command : cuda_commands()) {
         text += "\n./gpt_cuda " + command.name + ": " + command.summary + "\n";
         for (const FlagSpec& flag : command.flags) {

@@ -125,24 +125,33 @@ TEST_SUITE("cuda: stage 5") {
 
 TEST_SUITE("cuda: stage 6") {
     TEST_CASE("6 causal flash attention" * doctest::skip(no_cuda_device())) { expect_attention_stage_passes("6"); }
-    TEST_CASE("6 the LSE of a row that sees no key is -inf and its output 0" * doctest::skip(no_cuda_device())) {
+    TEST_CASE("6 and 8: the LSE of a row that sees no key is -inf and its output 0" * doctest::skip(no_cuda_device())) {
         // Nq = 100 > Nk = 17, causal: rows 0..82 see no key. The reference says so too; check it explicitly here.
         RunConfig config;
         config.shape = attention_shape(1, 4, 4, 100, 17, 64, true), config.timed_runs = 0, config.sample_rows = 0;
-        Problem problem = make_problem(StageKind::attention, config);
-        REQUIRE(run_stage(find_stage("6"), problem).passed);
-        std::vector<float> out(problem.out.count), lse(problem.lse.count);
-        problem.out.download(out);
-        problem.lse.download(lse);
-        CHECK(lse[0] == -std::numeric_limits<float>::infinity());
-        CHECK(out[0] == 0.0f);
-        CHECK(std::isfinite(lse[99]));
+        for (const char* id : {"6", "8"}) {
+            CAPTURE(id);
+            Problem problem = make_problem(StageKind::attention, config);
+            REQUIRE(run_stage(find_stage(id), problem).passed);
+            std::vector<float> out(problem.out.count), lse(problem.lse.count);
+            problem.out.download(out);
+            problem.lse.download(lse);
+            CHECK(lse[0] == -std::numeric_limits<float>::infinity());
+            CHECK(out[0] == 0.0f);
+            CHECK(std::isfinite(lse[99]));
+        }
     }
     TEST_CASE("stages that cannot take a head size say so" * doctest::skip(no_cuda_device())) {
         RunConfig config;
         config.shape = attention_shape(1, 4, 4, 17, 17, 96, false), config.timed_runs = 0;
-        for (const char* id : {"3b", "4", "5", "6"}) CHECK_THROWS_WITH_AS(run_stage(find_stage(id), config), doctest::Contains("head size 96"), Error);
+        for (const char* id : {"3b", "4", "5", "6", "8"}) CHECK_THROWS_WITH_AS(run_stage(find_stage(id), config), doctest::Contains("head size 96"), Error);
         expect_stage_passes("2", config.shape);  // stage 2 is built from matmuls and takes any head size
+    }
+}
+
+TEST_SUITE("cuda: stage 8") {
+    TEST_CASE("8 tensor cores, split-precision TF32" * doctest::skip(no_cuda_device())) {
+        expect_attention_stage_passes("8");
     }
 }
 
@@ -315,7 +324,7 @@ TEST_SUITE("cuda: GPU model") {
             const ModelConfig& c = t.model.config;
             GpuModel gpu = upload_through_checkpoint(t);
             check_logits_at_lengths(gpu, t);
-            for (const char* stage : {"2", "3b", "4", "5"}) {
+            for (const char* stage : {"2", "3b", "4", "5", "8"}) {
                 SUBCASE((describe_model(c) + " stage " + stage).c_str()) {
                     gpu.attention_stage = &model_attention_stage(stage);
                     const std::vector<int> tokens = random_tokens(100, c.vocab_size, 9);
