@@ -99,6 +99,12 @@ void cuda_check(const cudaError_t status, const char* call, const char* file, co
 
 __host__ __device__ constexpr int64_t ceil_div(const int64_t a, const int64_t b) { return (a + b - 1) / b; }
 
+// Query i of Nq sees keys [0, visible_keys): all Nk, or when causal those j <= i + Nk - Nq (the ends aligned). At or
+// below 0 the row sees no key.
+__host__ __device__ constexpr int visible_keys(const int i, const int Nq, const int Nk, const bool causal) {
+    return causal ? (i + Nk - Nq + 1 < Nk ? i + Nk - Nq + 1 : Nk) : Nk;
+}
+
 bool cuda_device_available() {
     int count = 0;
     return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
@@ -664,7 +670,7 @@ __global__ void s2a_masked_softmax_kernel(float* scores, float* lse, const int N
     __shared__ float scratch[32];
     const int i = int(blockIdx.x % Nq);
     float* row = scores + int64_t(blockIdx.x) * Nk;
-    const int visible = causal ? min(Nk, i + Nk - Nq + 1) : Nk;
+    const int visible = visible_keys(i, Nq, Nk, causal);
     float m = -INFINITY;
     for (int j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, row[j]);
     m = block_max(m, scratch);
@@ -778,7 +784,7 @@ __global__ void s3b_attention_streaming_kernel(float* out, float* lse, const flo
 #pragma unroll
     for (int d = 0; d < HD; ++d) q_scaled[d] = q_row[d] * scale, o[d] = 0.0f;
     float m = -INFINITY, l = 0.0f;
-    const int visible = s.causal ? min(s.Nk, i + s.Nk - s.Nq + 1) : s.Nk;
+    const int visible = visible_keys(i, s.Nq, s.Nk, s.causal);
     for (int j = 0; j < visible; ++j) {
         const float4* k_row = reinterpret_cast<const float4*>(k_head + int64_t(j) * HD);
         const float4* v_row = reinterpret_cast<const float4*>(v_head + int64_t(j) * HD);
@@ -962,10 +968,10 @@ __device__ void mask_scores(float (&s)[rows_per_thread][keys_per_thread], const 
                             const int Nq, const int Nk, const bool causal) {
 #pragma unroll
     for (int r = 0; r < rows_per_thread; ++r) {
-        const int last_key = causal ? min(Nk - 1, first_row + r + Nk - Nq) : Nk - 1;
+        const int visible = visible_keys(first_row + r, Nq, Nk, causal);
 #pragma unroll
         for (int c = 0; c < keys_per_thread; ++c)
-            if (first_key + 16 * c > last_key) s[r][c] = -INFINITY;
+            if (first_key + 16 * c >= visible) s[r][c] = -INFINITY;
     }
 }
 
@@ -1239,9 +1245,8 @@ struct BlockKeys {
     int key_end, full_end;
 };
 __device__ BlockKeys block_keys(const AttentionShape& s, const int row0, const int rows) {
-    if (!s.causal) return {s.Nk, s.Nk};
     const int last_row = min(row0 + rows, s.Nq) - 1;
-    return {min(s.Nk, last_row + s.Nk - s.Nq + 1), min(s.Nk, row0 + s.Nk - s.Nq + 1)};
+    return {visible_keys(last_row, s.Nq, s.Nk, s.causal), visible_keys(row0, s.Nq, s.Nk, s.causal)};
 }
 
 template <int HD>
@@ -1666,8 +1671,7 @@ __global__ void __launch_bounds__(s8_threads, HD <= 80 ? 2 : 1)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int row = row0 + m0 + g + 8 * (e / 2), key = key0 + 8 * n + 2 * t + e % 2;
-                    const int last_key = s.causal ? min(s.Nk - 1, row + s.Nk - s.Nq) : s.Nk - 1;
-                    if (key > last_key) scores[n][e] = -INFINITY;
+                    if (key >= visible_keys(row, s.Nq, s.Nk, s.causal)) scores[n][e] = -INFINITY;
                 }
         }
         // Online softmax of the lane's two rows (r = 0: row g, elements 0 and 1; r = 1: row g + 8, elements 2 and 3).
@@ -2602,7 +2606,8 @@ __global__ void combine_experts_kernel(float* x, const float* outputs, const int
 // the head, a copy of the embedding when tied), so the norm on the GPU is x r and a decode step reads one vector less
 // a kernel. The results differ from the CPU's only by rounding. The activations are allocated once, for up to
 // max_rows positions, and reused (a captured decode graph holds their addresses). gpu_forward mirrors model_forward
-// line by line; the attention stage is chosen with --stage (stages 2-6 and 8 for many rows; a decode step uses stage 7).
+// line by line; the attention stage is chosen with --stage (stages 2-6 and 8 for many rows; a decode step uses
+// stage 7).
 // A Mixture-of-Experts layer keeps its router and bias, its experts' [gate; up] stacked expert after expert, their
 // down projections, and the shared expert's [gate; up] and down (the dense path's layout, at hidden size S Fe).
 
