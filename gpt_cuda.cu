@@ -1348,46 +1348,73 @@ DecodePartials carve_decode_partials(DeviceBuffer<float>& workspace, const int64
 }
 
 // Shared memory of a block: k_s [Bk][hd + 4] (padded: thread j reads row j as float4s without bank conflicts),
-// v_s [Bk][hd], q_s [group][hd], scores [group][Bk], and for the merge weights [group][splits].
+// v_s [Bk][hd], q_s [group][hd], scores [group][Bk].
 size_t decode_smem_bytes(const AttentionShape& s, const SplitKv& kv) {
     const size_t group = s.H / s.G;
-    return sizeof(float) * (size_t(kv.split_keys) * (2 * s.hd + 4) + group * (s.hd + kv.split_keys + decode_splits(kv)));
+    return sizeof(float) * (size_t(kv.split_keys) * (2 * s.hd + 4) + group * (s.hd + kv.split_keys));
 }
 
-// The merge of DESIGN.md §7 for one output row over its splits, in log2 units, by one warp: lanes take splits for
-// m = max m_s, then weight_s = e^(m_s - m) l_s (kept in shared memory) and l = sum weight_s; then lane d sums
-// weight_s O_s[d] / l, the loads of several splits in flight together. Every split holds at least one key, so l_s >= 1
-// (its largest score gives 2^0). The partials were written by other blocks: __ldcg reads them from L2, past this SM's L1.
-// At 4096 keys a lane walks 64 splits, one L2 round trip per merge_unroll of them. Measured in the decode step (H200,
-// 2026-12-03, positions 3967-4031): 4 splits in flight 0.290-0.294 ms a token, 8 0.285-0.289, 16 0.296-0.299 (more
-// registers), 32 0.328.
-constexpr int merge_unroll = 8;
+// The merge of DESIGN.md §7 for one output row over its splits, in log2 units, by one warp in one pass: the online
+// rule of stage 3 applied to the partials. A lane takes four adjacent columns of O (one float4); when hd/4 < 32 the
+// warp holds 32 / (hd/4) lane groups, each taking every 2nd (hd 64) or 4th (hd 32) split. A lane keeps a running max
+// M, sum L and output o; for a split with max m_s, sum l_s and normalised output O_s:
+//   M' = max(M, m_s),  L = e^(M - M') L + e^(m_s - M') l_s,  o = e^(M - M') o + e^(m_s - M') l_s O_s,
+// and at the end the lane groups are combined by the same rule (shuffles) and O = o / L, LSE = M + log L. Every split
+// holds at least one key, so l_s >= 1 (its largest score gives 2^0). The partials were written by other blocks:
+// __ldcg reads them from L2, past this SM's L1. The loads of merge_batch splits are issued before any is used, so at
+// 4096 keys (64 splits) and hd 64 a lane makes 32 / merge_batch = 4 L2 round trips. The merge before this one took
+// two passes (the maximum and the weights first, then the outputs by lanes taking columns, 12 round trips): decode
+// at positions 4032-4095 took 0.244-0.249 ms a token with this one against 0.255-0.263 ms (H200, 2026-12-04, three
+// rounds side by side), positions 2-65 unchanged at 0.173-0.178 ms.
+constexpr int merge_batch = 8;
 
 template <int HD>
-__device__ void merge_splits(float* out, float* lse, const DecodePartials parts, const int64_t first, const int splits,
-                             float* weight) {
-    const int lane = threadIdx.x % 32;
-    float m = -INFINITY;
-    for (int s = lane; s < splits; s += 32) m = fmaxf(m, __ldcg(parts.max + first + s));
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int s = lane; s < splits; s += 32) {
-        weight[s] = exp2f(__ldcg(parts.max + first + s) - m) * __ldcg(parts.sum + first + s);
-        l += weight[s];
+__device__ void merge_splits(float* out, float* lse, const DecodePartials parts, const int64_t first,
+                             const int splits) {
+    constexpr int columns = HD / 4, groups = columns <= 16 ? 32 / columns : 1;
+    const int lane = threadIdx.x % 32, column = lane % columns, lane_group = lane / columns;
+    float M = -INFINITY, L = 0.0f;
+    float4 o = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s0 = lane_group < groups ? lane_group : splits; s0 < splits; s0 += groups * merge_batch) {
+        float m_s[merge_batch], l_s[merge_batch];
+        float4 o_s[merge_batch];
+#pragma unroll
+        for (int b = 0; b < merge_batch; ++b) {
+            const int s = s0 + b * groups;
+            const bool inside = s < splits;  // a split past the end weighs e^(-inf) 0 = 0
+            m_s[b] = inside ? __ldcg(parts.max + first + s) : -INFINITY;
+            l_s[b] = inside ? __ldcg(parts.sum + first + s) : 0.0f;
+            o_s[b] = inside ? __ldcg(reinterpret_cast<const float4*>(parts.out + (first + s) * HD) + column)
+                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        float M_new = M;
+#pragma unroll
+        for (int b = 0; b < merge_batch; ++b) M_new = fmaxf(M_new, m_s[b]);
+        const float rescale = exp2f(M - M_new);  // M_new is finite: split s0 is inside
+        L *= rescale, o.x *= rescale, o.y *= rescale, o.z *= rescale, o.w *= rescale;
+#pragma unroll
+        for (int b = 0; b < merge_batch; ++b) {
+            const float w = exp2f(m_s[b] - M_new) * l_s[b];
+            L += w, o.x = fmaf(w, o_s[b].x, o.x), o.y = fmaf(w, o_s[b].y, o.y);
+            o.z = fmaf(w, o_s[b].z, o.z), o.w = fmaf(w, o_s[b].w, o.w);
+        }
+        M = M_new;
     }
-    l = warp_sum(l);
-    __syncwarp();  // every weight is written before any lane reads another's
-    constexpr int per_lane = (HD + 31) / 32;
-    float o[per_lane] = {};
-#pragma unroll merge_unroll
-    for (int s = 0; s < splits; ++s)
 #pragma unroll
-        for (int c = 0; c < per_lane; ++c)
-            if (lane + 32 * c < HD) o[c] = fmaf(weight[s], __ldcg(parts.out + (first + s) * HD + lane + 32 * c), o[c]);
-#pragma unroll
-    for (int c = 0; c < per_lane; ++c)
-        if (lane + 32 * c < HD) out[lane + 32 * c] = o[c] / l;
-    if (lane == 0) *lse = (m + log2f(l)) * ln_2;
+    for (int offset = columns; offset < 32 && groups > 1; offset *= 2) {  // lane groups: the same rule
+        const float M_other = __shfl_xor_sync(0xffffffffu, M, offset), L_other = __shfl_xor_sync(0xffffffffu, L, offset);
+        float4 o_other;
+        o_other.x = __shfl_xor_sync(0xffffffffu, o.x, offset), o_other.y = __shfl_xor_sync(0xffffffffu, o.y, offset);
+        o_other.z = __shfl_xor_sync(0xffffffffu, o.z, offset), o_other.w = __shfl_xor_sync(0xffffffffu, o.w, offset);
+        const float M_new = fmaxf(M, M_other), M_safe = M_new == -INFINITY ? 0.0f : M_new;  // both saw no split
+        const float a = exp2f(M - M_safe), c = exp2f(M_other - M_safe);
+        L = a * L + c * L_other;
+        o = make_float4(a * o.x + c * o_other.x, a * o.y + c * o_other.y, a * o.z + c * o_other.z,
+                        a * o.w + c * o_other.w);
+        M = M_new;
+    }
+    if (lane < columns) reinterpret_cast<float4*>(out)[column] = make_float4(o.x / L, o.y / L, o.z / L, o.w / L);
+    if (lane == 0) *lse = (M + log2f(L)) * ln_2;
 }
 
 template <int HD>
@@ -1402,7 +1429,6 @@ __global__ void __launch_bounds__(decode_threads)
     float* v_s = k_s + kv.split_keys * (HD + 4);
     float* q_s = v_s + kv.split_keys * HD;             // scaled by log2(e) / sqrt(hd)
     float* scores = q_s + group * HD;                  // S, then P
-    float* weights = scores + group * kv.split_keys;   // the merge's
     const int past = kv.past_on_device ? *kv.past_on_device : kv.past;
     const int visible = s.causal ? min(past + s.Nq, past + i + 1) : past + s.Nq;  // keys [0, visible) of row i
     const int key0 = split * kv.split_keys, n_keys = max(0, min(kv.split_keys, visible - key0));
@@ -1508,7 +1534,7 @@ __global__ void __launch_bounds__(decode_threads)
     __threadfence();  // the other blocks' partials are read after their arrivals were counted
     for (int h = threadIdx.x / 32; h < group; h += decode_threads / 32) {
         const int64_t row = output_row(g * group + h);
-        merge_splits<HD>(out + row * HD, lse + row, parts, row * splits, used, weights + h * splits);
+        merge_splits<HD>(out + row * HD, lse + row, parts, row * splits, used);
     }
     if (threadIdx.x == 0) *arrivals = 0;  // ready for the next call
 }
