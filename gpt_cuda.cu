@@ -1116,8 +1116,9 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // long as the FMA pipe would be at full rate. Yet it is not the limit: a layout of 8 key threads x 2 row threads a
 // half-warp, a quarter fewer wavefronts in the scores and a third fewer in P V, ran at the same speed (H200,
 // 2026-12-03: d128 42.4 against 42.0 TFLOP/s). More warps to hide the barriers did not help either: 512 threads
-// owning 4 rows each (16 warps an SM at d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA. What the
-// idle issue slots wait on is not pinned down yet.
+// owning 4 rows each (16 warps an SM at d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA; two blocks
+// of 64 rows and 128 threads an SM (the same 8 warps, a barrier stopping half of them) at 39.2 (H200, 2026-12-04),
+// with twice the K/V copies per FMA. What the idle issue slots wait on is not pinned down yet.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
