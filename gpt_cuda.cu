@@ -923,12 +923,18 @@ __device__ void cp_async16(void* shared_dst, const void* global_src, const int s
 __device__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Starts copying keys key0 .. key0+Bc-1 of a K or V head [Nk, hd] into dst [Bc][dst_stride]; keys past Nk become 0.
-// Consecutive threads take consecutive float4s of a row, so a warp reads 512 contiguous bytes.
+// Consecutive threads take consecutive float4s of a row, so a warp reads 512 contiguous bytes. The tile is hd/16
+// float4s a thread, a count known at compile time: the copies are unrolled into one run of instructions with no
+// branch, each with its own address registers. (A loop `f += flash_threads` up to the tile's size compiled to a loop
+// whose copies waited for the one before to have read its address registers: a quarter of the cycles in which no
+// warp of stage 5 could issue were spent in it, from ncu at d128.)
 template <int HD>
 __device__ void load_kv_tile_async(float* dst, const int dst_stride, const float* head, const int key0,
                                    const int Nk) {
-    for (int f = threadIdx.x; f < flash_keys * HD / 4; f += flash_threads) {
-        const int key = f / (HD / 4), d = (f % (HD / 4)) * 4;
+    static_assert(flash_keys * HD / 4 % flash_threads == 0, "every thread copies the same number of float4s");
+#pragma unroll
+    for (int i = 0; i < flash_keys * HD / 4 / flash_threads; ++i) {
+        const int f = int(threadIdx.x) + i * flash_threads, key = f / (HD / 4), d = (f % (HD / 4)) * 4;
         const bool inside = key0 + key < Nk;
         cp_async16(dst + key * dst_stride + d, head + int64_t(inside ? key0 + key : 0) * HD + d, inside ? 16 : 0);
     }
@@ -1118,7 +1124,10 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // 2026-12-03: d128 42.4 against 42.0 TFLOP/s). More warps to hide the barriers did not help either: 512 threads
 // owning 4 rows each (16 warps an SM at d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA; two blocks
 // of 64 rows and 128 threads an SM (the same 8 warps, a barrier stopping half of them) at 39.2 (H200, 2026-12-04),
-// with twice the K/V copies per FMA. What the idle issue slots wait on is not pinned down yet.
+// with twice the K/V copies per FMA. Where the idle issue slots went, from ncu's stall samples (H200, 2026-12-04,
+// B1 H16 N8192 d128): a third in the scores' FMAs (waiting for shared-memory loads), a quarter in the K/V copy loop,
+// a tenth at the two barriers. The copies unrolled (load_kv_tile_async) gave d128 25.4 ms, 43.3 TFLOP/s against
+// 26.1 ms, 42.1 (H200, same run, 2 rounds); d64 7.03 against 6.96 ms, 1% slower.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
@@ -1238,7 +1247,9 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // 39.7 TFLOP/s (13.96 ms, 39.4; 14.3 ms, 38.4); causal B8 H12 N1024 d64 0.490 ms, 26.3 TFLOP/s (0.495 ms, 26.0).
 // Non-causal it does stage 5's work: B4 H16 N4096 d64 6.92 ms, 39.7 TFLOP/s (7.04 ms, 39.1; 7.42 ms, 37.0);
 // B2 H16 N8192 d128 26.3 ms, 41.8 TFLOP/s (26.6 ms, 41.3; 27.3 ms, 40.2). Earlier, with unroll 4 (./gpt_cuda bench):
-// causal B8 H12 N1024 d64 0.518 ms, 24.9 TFLOP/s (1.38x of stage 5).
+// causal B8 H12 N1024 d64 0.518 ms, 24.9 TFLOP/s (1.38x of stage 5). With the K/V copies unrolled (H200, 2026-12-04,
+// same run): causal d128 13.16 ms, 41.8 TFLOP/s (13.83, 39.7 before); non-causal d128 25.09 ms, 43.8 (26.33, 41.8);
+// causal B4 H16 N4096 d64 3.84 ms (3.88); causal B8 H12 N1024 d64 0.481 ms (0.489).
 
 // The keys a block of query rows [row0, row0 + rows) attends to: keys [0, key_end) are seen by some row of the block,
 // keys [0, full_end) by every row of it.
