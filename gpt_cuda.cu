@@ -1115,7 +1115,8 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // B4 H16 N4096 d64 6.97 ms, 39.5 TFLOP/s (7.09 ms, 38.8 before, same run; 7.27 ms, 37.8 with unroll 4 in
 // scores_tile and pv_tile); B2 H16 N8192 d128 26.1 ms, 42.1 TFLOP/s (26.5 ms, 41.5; 27.3 ms, 40.3). Earlier, with
 // unroll 4 (./gpt_cuda bench): causal d64 7.36 ms, 18.7 TFLOP/s; d128 2.02x of stage 4; B8 H12 N1024 d64 0.706 ms,
-// 36.5 TFLOP/s. One block of 256 threads per SM at d128 (165 KB of shared memory), two at d64. What limits it, from
+// 36.5 TFLOP/s. One block of 256 threads per SM: at d128 shared memory allows no more (165 KB), at d64 registers
+// (169 a thread; two blocks need at most 128, and __launch_bounds__(256, 2) spills 24 bytes). What limits it, from
 // ncu at d128 (unroll 8): the issue slots are 74% busy and the FMA pipe 66%; FFMA is 84% of the instructions. Each
 // warp's float4 read from shared memory costs 2 wavefronts when the lanes of each half-warp share one address (Q, P)
 // and 4 when they read 16 different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as
@@ -1127,7 +1128,12 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // with twice the K/V copies per FMA. Where the idle issue slots went, from ncu's stall samples (H200, 2026-12-04,
 // B1 H16 N8192 d128): a third in the scores' FMAs (waiting for shared-memory loads), a quarter in the K/V copy loop,
 // a tenth at the two barriers. The copies unrolled (load_kv_tile_async) gave d128 25.4 ms, 43.3 TFLOP/s against
-// 26.1 ms, 42.1 (H200, same run, 2 rounds); d64 7.03 against 6.96 ms, 1% slower.
+// 26.1 ms, 42.1 (H200, same run, 2 rounds); d64 7.03 against 6.96 ms, 1% slower. Two more tries, each side by side
+// (H200, 2026-12-04): K and V double-buffered (227 KB at d128; one barrier a tile instead of two, P's exchange being
+// within a half-warp) ran at the same speed at d128 (43.35 against 43.33 TFLOP/s) and stage 6 slower at d64 (36.6
+// against 39.8); P V unrolled fully (a loop body of about 4400 instructions at d128) gave 44.5 against 43.3 here, but
+// stage 6 causal d128 41.1 against 41.8 and causal d64 34.6 against 36.3, so the unroll stays 16. Small differences
+// are within what moves between builds: stage 6 at d80, its code unchanged, ran at 28.6 in one build, 27.5 in another.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
@@ -1146,10 +1152,12 @@ __device__ void flash2_prologue_wait() {
 }
 
 // One K/V tile of the FA2 loop for the thread's rows. On entry K_j is complete in k_s and v_s is free; on exit
-// K_j+1 (when next_key0 < key_end) is complete in k_s and v_s is free again. MASK = false skips the mask (stage 6
-// uses it for tiles that every row of the block sees completely).
-template <int HD, bool MASK>
-__device__ void flash2_tile(const FlashTiles& tiles, float (&acc)[rows_per_thread][HD / 16],
+// K_j+1 (when next_key0 < key_end) is complete in k_s and v_s is free again. mask = false skips the mask (stage 6
+// uses it for tiles that every row of the block sees completely). It is a flag, not a template parameter, so the loop
+// body is compiled once: with a masked and an unmasked copy, causal d64 ran at 35.5 TFLOP/s against 36.3 with one
+// (H200, 2026-12-04, same run; d128 the same).
+template <int HD>
+__device__ void flash2_tile(const bool mask, const FlashTiles& tiles, float (&acc)[rows_per_thread][HD / 16],
                             float (&m)[rows_per_thread], float (&l)[rows_per_thread], const float* k_head,
                             const float* v_head, const int row0, const int key0, const int key_end,
                             const AttentionShape& s) {
@@ -1157,7 +1165,7 @@ __device__ void flash2_tile(const FlashTiles& tiles, float (&acc)[rows_per_threa
     load_kv_tile_async<HD>(tiles.v_s, HD, v_head, key0, s.Nk);  // V_j streams in while S is computed
     float p[rows_per_thread][keys_per_thread];
     scores_tile<HD>(p, tiles.q_t, tiles.k_s, ty, tx);
-    if (MASK) mask_scores(p, row0 + ty * 8, key0 + tx, s.Nq, s.Nk, s.causal);
+    if (mask) mask_scores(p, row0 + ty * 8, key0 + tx, s.Nq, s.Nk, s.causal);
 #pragma unroll
     for (int r = 0; r < rows_per_thread; ++r) {
         const float m_new = fmaxf(m[r], row_max16(fmaxf(fmaxf(p[r][0], p[r][1]), fmaxf(p[r][2], p[r][3]))));
@@ -1217,7 +1225,7 @@ __global__ void __launch_bounds__(flash_threads)
     for (int r = 0; r < rows_per_thread; ++r) m[r] = -INFINITY, l[r] = 0.0f;
     flash2_prologue_wait();
     for (int key0 = 0; key0 < s.Nk; key0 += flash_keys)
-        flash2_tile<HD, true>(tiles, acc, m, l, k_head, v_head, row0, key0, s.Nk, s);
+        flash2_tile<HD>(true, tiles, acc, m, l, k_head, v_head, row0, key0, s.Nk, s);
     write_flash_rows<HD>(out + int64_t(head) * s.Nq * HD, lse + int64_t(head) * s.Nq, acc, m, l, row0, s.Nq);
 }
 
@@ -1278,10 +1286,7 @@ __global__ void __launch_bounds__(flash_threads)
     for (int r = 0; r < rows_per_thread; ++r) m[r] = -INFINITY, l[r] = 0.0f;
     flash2_prologue_wait();
     for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
-        if (key0 + flash_keys <= full_end)
-            flash2_tile<HD, false>(tiles, acc, m, l, k_head, v_head, row0, key0, key_end, s);
-        else
-            flash2_tile<HD, true>(tiles, acc, m, l, k_head, v_head, row0, key0, key_end, s);
+        flash2_tile<HD>(key0 + flash_keys > full_end, tiles, acc, m, l, k_head, v_head, row0, key0, key_end, s);
     }
     write_flash_rows<HD>(out + int64_t(head) * s.Nq * HD, lse + int64_t(head) * s.Nq, acc, m, l, row0, s.Nq);
 }
