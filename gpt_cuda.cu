@@ -34,36 +34,36 @@
 // Then the whole model: a gpt.cpp checkpoint on the GPU (./gpt_cuda eval, ./gpt_cuda sample), with stage 2-6 or 8
 // attention for many positions (--stage), stage 7 for each decode step, and a decode step replayed from a CUDA graph.
 //
-// Measured on an NVIDIA H200, 2026-12-03, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full table,
+// Measured on an NVIDIA H200, 2026-12-04, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full table,
 // causal and not, is in out/cuda_bench.md and the README). fp32 peak 66.9 TFLOP/s, DRAM 4814 GB/s.
 //   stage  workload                        ms       TFLOP/s   GB/s   x over the previous stage of its kind
-//   0a     x [98304, 1024]                 0.264     0.38     3054
-//   0b     x [98304, 1024]                 0.121     0.83     3331
-//   0c     x [98304, 1024]                 0.366     1.4      2200
-//   3a     x [98304, 1024]                 0.549     0.92     1466   0.67 (vs 0c; see stage 3)
-//   cuBLAS 4096^3                          2.685    51.2
-//   1a     4096^3                         25.036     5.5
-//   1b     4096^3                         15.842     8.7             1.58
-//   1c     4096^3                          3.380    40.7             4.69   (79% of cuBLAS)
-//   1d     4096^3, B transposed            3.365    40.8
-//   2      B4 H16 N4096 d64               14.187    19.4
-//   3b     B4 H16 N4096 d64               44.572     6.2             0.32   (see stage 3)
-//   4      B4 H16 N4096 d64               12.215    22.5             3.65
-//   5      B4 H16 N4096 d64                6.963    39.5             1.75
-//   6      B4 H16 N4096 d64                6.926    39.7             1.01   (non-causal: the same work as 5)
-//   8      B4 H16 N4096 d64                4.602    59.7             1.50   (tensor cores)
-//   5      B4 H16 N4096 d64 causal         7.044    19.5             1.74
-//   6      B4 H16 N4096 d64 causal         3.865    35.6             1.82
-//   8      B4 H16 N4096 d64 causal         2.589    53.1             1.49
-//   5      B2 H16 N8192 d128              26.108    42.1             2.03
-//   6      B2 H16 N8192 d128              26.335    41.8             0.99
-//   8      B2 H16 N8192 d128              18.753    58.6             1.40
-//   6      B2 H16 N8192 d128 causal       13.851    39.7             1.90   (vs 5 causal, 26.260 ms)
-//   8      B2 H16 N8192 d128 causal        9.882    55.6             1.40
+//   0a     x [98304, 1024]                 0.259     0.39     3112
+//   0b     x [98304, 1024]                 0.120     0.84     3346
+//   0c     x [98304, 1024]                 0.360     1.4      2236
+//   3a     x [98304, 1024]                 0.549     0.92     1467   0.66 (vs 0c; see stage 3)
+//   cuBLAS 4096^3                          2.674    51.4
+//   1a     4096^3                         24.234     5.7
+//   1b     4096^3                         15.714     8.7             1.54
+//   1c     4096^3                          3.371    40.8             4.66   (79% of cuBLAS)
+//   1d     4096^3, B transposed            3.369    40.8
+//   2      B4 H16 N4096 d64               14.134    19.4
+//   3b     B4 H16 N4096 d64               43.250     6.4             0.33   (see stage 3)
+//   4      B4 H16 N4096 d64               12.095    22.7             3.58
+//   5      B4 H16 N4096 d64                7.031    39.1             1.72
+//   6      B4 H16 N4096 d64                7.016    39.2             1.00   (non-causal: the same work as 5)
+//   8      B4 H16 N4096 d64                4.500    61.1             1.56   (tensor cores)
+//   5      B4 H16 N4096 d64 causal         7.120    19.3             1.70
+//   6      B4 H16 N4096 d64 causal         3.802    36.2             1.87
+//   8      B4 H16 N4096 d64 causal         2.534    54.3             1.50
+//   5      B2 H16 N8192 d128              25.369    43.3             2.06
+//   6      B2 H16 N8192 d128              25.075    43.8             1.01
+//   8      B2 H16 N8192 d128              18.341    59.9             1.37
+//   6      B2 H16 N8192 d128 causal       13.151    41.8             1.94   (vs 5 causal, 25.546 ms)
+//   8      B2 H16 N8192 d128 causal        9.598    57.3             1.37
 // The stage banners keep the numbers of the machine each stage was tuned on (the H100 for stages 0-6).
-// The last flash-kernel changes (P V unrolled by 16, exp2 as ex2.approx.ftz) were timed against the build before them
-// in one run of `./gpt_cuda run` (2026-11-24): B2 H16 N8192 d128 stage 5 26.50 -> 26.14 ms, B4 H16 N4096 d64 stage 5
-// 7.09 -> 6.97 ms, stage 6 causal 3.96 -> 3.87 ms.
+// The last flash-kernel change (the K/V copies unrolled, 2026-12-04) was timed against the build before it in one run
+// of `./gpt_cuda run` on the H200: B2 H16 N8192 d128 stage 5 26.11 -> 25.38 ms, stage 6 26.33 -> 25.09 ms, stage 6
+// causal 13.83 -> 13.16 ms; the stage 5 and 6 banners have the rest.
 //
 // Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | stage 7 | stage 8 |
 // runner | GPU model: layer kernels | weights, cache, forward | inference and evaluation | bench | CLI.
@@ -3096,9 +3096,9 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 //  - five kernels a layer (the q, k, v gemv with RoPE and the cache write, stage 7, o_proj, [gate; up] with SwiGLU,
 //    down), each launched to overlap the one before, so that a gemv loads its weights before it waits for its input;
 //  - the last gemv writes the logits straight into page-locked host memory (a copy node cost about 3 us a token).
-// Measured (H200, 2026-12-03, ./gpt_cuda bench --stages model; L12 D768 H12 G4 F2048 V2048, fp32): 0.173 ms a token
-// at positions 2-65 and 0.255 ms at 4032-4095, 43% and 38% of the bandwidth limit (309 and 408 MB a token at the
-// measured 4169 GB/s); at the start of that day it took 0.366 and 0.491 ms, and the README has each step since. What is
+// Measured (H200, 2026-12-04, ./gpt_cuda bench; L12 D768 H12 G4 F2048 V2048, fp32): 0.172 ms a token at positions
+// 2-65 and 0.244 ms at 4032-4095, 43% and 40% of the bandwidth limit (309 and 408 MB a token at the measured
+// 4152 GB/s); at the start of 2026-12-03 it took 0.366 and 0.491 ms, and the README has each step since. What is
 // left is the chain of 63 dependent kernels, about 15 us a layer. A timeline of the step at position 10 (each
 // block's %globaltimer at its start, after its wait and at its end): a hand-over costs 0.6-0.9 us, and after its
 // wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4, o_proj 1.1, [gate; up] 1.8-2.1, down 1.1-2.4. Stage 7 is slow
