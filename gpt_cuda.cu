@@ -1132,8 +1132,9 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // (H200, 2026-12-04): K and V double-buffered (227 KB at d128; one barrier a tile instead of two, P's exchange being
 // within a half-warp) ran at the same speed at d128 (43.35 against 43.33 TFLOP/s) and stage 6 slower at d64 (36.6
 // against 39.8); P V unrolled fully (a loop body of about 4400 instructions at d128) gave 44.5 against 43.3 here, but
-// stage 6 causal d128 41.1 against 41.8 and causal d64 34.6 against 36.3, so the unroll stays 16. Small differences
-// are within what moves between builds: stage 6 at d80, its code unchanged, ran at 28.6 in one build, 27.5 in another.
+// stage 6 causal d128 41.1 against 41.8 and causal d64 34.6 against 36.3 (scores by 16 and P V by 32: stage 6 d128
+// 44.7 against 43.9, causal d128 36.8 against 41.8), so the unrolls stay 8 and 16. Small differences are within
+// what moves between builds: stage 6 at d80, its code unchanged, ran at 28.6 in one build, 27.5 in another.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
