@@ -1134,7 +1134,10 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // against 39.8); P V unrolled fully (a loop body of about 4400 instructions at d128) gave 44.5 against 43.3 here, but
 // stage 6 causal d128 41.1 against 41.8 and causal d64 34.6 against 36.3 (scores by 16 and P V by 32: stage 6 d128
 // 44.7 against 43.9, causal d128 36.8 against 41.8), so the unrolls stay 8 and 16. Small differences are within
-// what moves between builds: stage 6 at d80, its code unchanged, ran at 28.6 in one build, 27.5 in another.
+// what moves between builds: stage 6 at d80, its code unchanged, ran at 28.6 in one build, 27.5 in another. After the
+// unrolled copies, ncu finds P V's first shared-memory load waiting for the K_j+1 copies to release the address
+// registers it reuses (11% of the no-issue samples); copying K and V with cp.async.bulk instead was much slower (d128
+// 34.5 TFLOP/s), and skipping the rescale unless a row's max grew by more than 8 gained under 2% (README).
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
