@@ -923,18 +923,19 @@ __device__ void cp_async16(void* shared_dst, const void* global_src, const int s
 __device__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Starts copying keys key0 .. key0+Bc-1 of a K or V head [Nk, hd] into dst [Bc][dst_stride]; keys past Nk become 0.
-// Consecutive threads take consecutive float4s of a row, so a warp reads 512 contiguous bytes. The tile is hd/16
-// float4s a thread, a count known at compile time: the copies are unrolled into one run of instructions with no
-// branch, each with its own address registers. (A loop `f += flash_threads` up to the tile's size compiled to a loop
-// whose copies waited for the one before to have read its address registers: a quarter of the cycles in which no
-// warp of stage 5 could issue were spent in it, from ncu at d128.)
-template <int HD>
-__device__ void load_kv_tile_async(float* dst, const int dst_stride, const float* head, const int key0,
-                                   const int Nk) {
-    static_assert(flash_keys * HD / 4 % flash_threads == 0, "every thread copies the same number of float4s");
+// THREADS threads copy, `thread` (0 .. THREADS-1) being the caller: all of a block's threads in stages 4 and 8, its
+// copy warps in stages 5 and 6. Consecutive threads take consecutive float4s of a row, so a warp reads 512 contiguous
+// bytes. The tile is hd/4 * Bc / THREADS float4s a thread, a count known at compile time: the copies are unrolled
+// into one run of instructions with no branch, each with its own address registers. (A loop `f += THREADS` up to the
+// tile's size compiled to a loop whose copies waited for the one before to have read its address registers: a
+// quarter of the cycles in which no warp of stage 5 could issue were spent in it, from ncu at d128.)
+template <int HD, int THREADS>
+__device__ void load_kv_tile_async(float* dst, const int dst_stride, const float* head, const int key0, const int Nk,
+                                   const int thread) {
+    static_assert(flash_keys * HD / 4 % THREADS == 0, "every thread copies the same number of float4s");
 #pragma unroll
-    for (int i = 0; i < flash_keys * HD / 4 / flash_threads; ++i) {
-        const int f = int(threadIdx.x) + i * flash_threads, key = f / (HD / 4), d = (f % (HD / 4)) * 4;
+    for (int i = 0; i < flash_keys * HD / 4 / THREADS; ++i) {
+        const int f = thread + i * THREADS, key = f / (HD / 4), d = (f % (HD / 4)) * 4;
         const bool inside = key0 + key < Nk;
         cp_async16(dst + key * dst_stride + d, head + int64_t(inside ? key0 + key : 0) * HD + d, inside ? 16 : 0);
     }
@@ -1031,8 +1032,9 @@ __global__ void __launch_bounds__(flash_threads)
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, lane = threadIdx.x % 32;
     const int row0 = blockIdx.x * flash_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
     load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
-    load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k + int64_t(kv_head) * s.Nk * HD, key0, s.Nk);
-    load_kv_tile_async<HD>(tiles.v_s, HD, v + int64_t(kv_head) * s.Nk * HD, key0, s.Nk);
+    load_kv_tile_async<HD, flash_threads>(tiles.k_s, k_stride<HD>, k + int64_t(kv_head) * s.Nk * HD, key0, s.Nk,
+                                          threadIdx.x);
+    load_kv_tile_async<HD, flash_threads>(tiles.v_s, HD, v + int64_t(kv_head) * s.Nk * HD, key0, s.Nk, threadIdx.x);
     cp_async_wait_all();
     __syncthreads();  // Q, K and V tiles are complete
 
@@ -1149,24 +1151,45 @@ __device__ float exp2_flush(const float x) {
     return y;
 }
 
-// Before the loop: Q is in q_t and K_0 is arriving in k_s. Waits for K_0 and makes Q and K_0 visible to all threads.
-__device__ void flash2_prologue_wait() {
+// The copy warps. A block has flash_threads compute threads (8 warps) and copy_threads more (4 warps) that only copy:
+// K_0, then per tile V_j and K_j+1, each followed by a wait for the copy and a barrier of all 12 warps. The compute
+// warps never issue a copy, so none of their issue slots and registers go to copies. Four copy warps, not one: warp w
+// runs on scheduler w % 4 of the SM, so each scheduler gets one (a single copy warp, with all the copies on one
+// scheduler, ran 7% slower than copies by every thread). The barrier is named barrier 1 counting all 384 threads.
+constexpr int copy_threads = 128;
+constexpr int flash2_threads = flash_threads + copy_threads;
+__device__ void tile_barrier() { asm volatile("barrier.sync 1, %0;" ::"n"(flash2_threads) : "memory"); }
+
+// The copy warps' part of the loop over the tiles of keys [0, key_end). The barriers match the compute warps' one by
+// one: one before the loop (K_0, and Q from the compute warps, are in place), two a tile (see flash2_tile).
+template <int HD>
+__device__ void copy_kv_tiles(const FlashTiles& tiles, const float* k_head, const float* v_head, const int key_end,
+                              const int Nk) {
+    const int thread = threadIdx.x - flash_threads;
+    if (key_end > 0) load_kv_tile_async<HD, copy_threads>(tiles.k_s, k_stride<HD>, k_head, 0, Nk, thread);
     cp_async_wait_all();
-    __syncthreads();  // Q (plain stores) and K_0 (cp.async) are complete in shared memory for every thread
+    tile_barrier();
+    for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
+        load_kv_tile_async<HD, copy_threads>(tiles.v_s, HD, v_head, key0, Nk, thread);  // while S = Q K_j^T
+        cp_async_wait_all();
+        tile_barrier();  // V_j is complete, and every compute thread is done reading K_j
+        if (key0 + flash_keys < key_end)  // while acc += P V_j
+            load_kv_tile_async<HD, copy_threads>(tiles.k_s, k_stride<HD>, k_head, key0 + flash_keys, Nk, thread);
+        cp_async_wait_all();
+        tile_barrier();  // K_j+1 is complete, and every compute thread is done reading V_j
+    }
 }
 
-// One K/V tile of the FA2 loop for the thread's rows. On entry K_j is complete in k_s and v_s is free; on exit
-// K_j+1 (when next_key0 < key_end) is complete in k_s and v_s is free again. mask = false skips the mask (stage 6
+// One K/V tile of the FA2 loop for a compute thread's rows. On entry K_j is complete in k_s and the copy warps are
+// bringing V_j into v_s; on exit K_j+1 (when there is one) is complete in k_s. mask = false skips the mask (stage 6
 // uses it for tiles that every row of the block sees completely). It is a flag, not a template parameter, so the loop
 // body is compiled once: with a masked and an unmasked copy, causal d64 ran at 35.5 TFLOP/s against 36.3 with one
 // (H200, 2026-12-04, same run; d128 the same).
 template <int HD>
 __device__ void flash2_tile(const bool mask, const FlashTiles& tiles, float (&acc)[rows_per_thread][HD / 16],
-                            float (&m)[rows_per_thread], float (&l)[rows_per_thread], const float* k_head,
-                            const float* v_head, const int row0, const int key0, const int key_end,
+                            float (&m)[rows_per_thread], float (&l)[rows_per_thread], const int row0, const int key0,
                             const AttentionShape& s) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    load_kv_tile_async<HD>(tiles.v_s, HD, v_head, key0, s.Nk);  // V_j streams in while S is computed
     float p[rows_per_thread][keys_per_thread];
     scores_tile<HD>(p, tiles.q_t, tiles.k_s, ty, tx);
     if (mask) mask_scores(p, row0 + ty * 8, key0 + tx, s.Nq, s.Nk, s.causal);
@@ -1185,14 +1208,9 @@ __device__ void flash2_tile(const bool mask, const FlashTiles& tiles, float (&ac
         m[r] = m_new;
     }
     store_p_tile(tiles.p_t, p, ty, tx);
-    cp_async_wait_all();
-    __syncthreads();  // P and V_j are complete, and every thread is done reading K_j
-    const int next_key0 = key0 + flash_keys;
-    if (next_key0 < key_end)
-        load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k_head, next_key0, s.Nk);  // K_j+1 streams in
+    tile_barrier();  // P and V_j are complete, and every thread is done reading K_j (the copy warps start K_j+1)
     pv_tile<HD>(acc, tiles.p_t, tiles.v_s, ty, tx);
-    cp_async_wait_all();
-    __syncthreads();  // K_j+1 is complete, and every thread is done reading P and V_j
+    tile_barrier();  // K_j+1 is complete, and every thread is done reading P and V_j (the copy warps start V_j+1)
 }
 
 // O = acc / l and LSE = (m + log2 l) ln 2 for the thread's rows; a row with l = 0 saw no key: O = 0, LSE = -inf.
@@ -1214,7 +1232,7 @@ __device__ void write_flash_rows(float* out_head, float* lse_head, const float (
 }
 
 template <int HD>
-__global__ void __launch_bounds__(flash_threads)
+__global__ void __launch_bounds__(flash2_threads)
     s5_attention_flash2_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
                                const AttentionShape s) {
     extern __shared__ float4 smem4[];
@@ -1222,14 +1240,16 @@ __global__ void __launch_bounds__(flash_threads)
     const int row0 = blockIdx.x * flash_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
     const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
     const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
-    load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k_head, 0, s.Nk);
+    if (threadIdx.x >= flash_threads) {  // a copy warp
+        copy_kv_tiles<HD>(tiles, k_head, v_head, s.Nk, s.Nk);
+        return;
+    }
     load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
     float acc[rows_per_thread][HD / 16] = {}, m[rows_per_thread], l[rows_per_thread];
 #pragma unroll
     for (int r = 0; r < rows_per_thread; ++r) m[r] = -INFINITY, l[r] = 0.0f;
-    flash2_prologue_wait();
-    for (int key0 = 0; key0 < s.Nk; key0 += flash_keys)
-        flash2_tile<HD>(true, tiles, acc, m, l, k_head, v_head, row0, key0, s.Nk, s);
+    tile_barrier();  // Q (from every compute thread) and K_0 (from the copy warps) are complete in shared memory
+    for (int key0 = 0; key0 < s.Nk; key0 += flash_keys) flash2_tile<HD>(true, tiles, acc, m, l, row0, key0, s);
     write_flash_rows<HD>(out + int64_t(head) * s.Nq * HD, lse + int64_t(head) * s.Nq, acc, m, l, row0, s.Nq);
 }
 
@@ -1239,7 +1259,7 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
     dispatch_head_size("5", s.hd, [&](auto hd) {
         constexpr int HD = decltype(hd)::value;
         launch("s5_attention_flash2", s5_attention_flash2_kernel<HD>, dim3(ceil_div(s.Nq, flash_rows), s.B * s.H),
-               dim3(flash_threads), flash_smem_bytes<HD>, out, lse, q, k, v, s);
+               dim3(flash2_threads), flash_smem_bytes<HD>, out, lse, q, k, v, s);
     });
 }
 
@@ -1274,7 +1294,7 @@ __device__ BlockKeys block_keys(const AttentionShape& s, const int row0, const i
 }
 
 template <int HD>
-__global__ void __launch_bounds__(flash_threads)
+__global__ void __launch_bounds__(flash2_threads)
     s6_attention_flash_causal_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
                                      const AttentionShape s) {
     extern __shared__ float4 smem4[];
@@ -1283,14 +1303,17 @@ __global__ void __launch_bounds__(flash_threads)
     const auto [key_end, full_end] = block_keys(s, row0, flash_rows);
     const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
     const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
-    if (key_end > 0) load_kv_tile_async<HD>(tiles.k_s, k_stride<HD>, k_head, 0, s.Nk);
+    if (threadIdx.x >= flash_threads) {  // a copy warp
+        copy_kv_tiles<HD>(tiles, k_head, v_head, key_end, s.Nk);
+        return;
+    }
     load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
     float acc[rows_per_thread][HD / 16] = {}, m[rows_per_thread], l[rows_per_thread];
 #pragma unroll
     for (int r = 0; r < rows_per_thread; ++r) m[r] = -INFINITY, l[r] = 0.0f;
-    flash2_prologue_wait();
+    tile_barrier();  // Q (from every compute thread) and K_0 (from the copy warps) are complete in shared memory
     for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
-        flash2_tile<HD>(key0 + flash_keys > full_end, tiles, acc, m, l, k_head, v_head, row0, key0, key_end, s);
+        flash2_tile<HD>(key0 + flash_keys > full_end, tiles, acc, m, l, row0, key0, s);
     }
     write_flash_rows<HD>(out + int64_t(head) * s.Nq * HD, lse + int64_t(head) * s.Nq, acc, m, l, row0, s.Nq);
 }
@@ -1301,7 +1324,7 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
     dispatch_head_size("6", s.hd, [&](auto hd) {
         constexpr int HD = decltype(hd)::value;
         launch("s6_attention_flash_causal", s6_attention_flash_causal_kernel<HD>,
-               dim3(ceil_div(s.Nq, flash_rows), s.B * s.H), dim3(flash_threads), flash_smem_bytes<HD>, out, lse, q, k,
+               dim3(ceil_div(s.Nq, flash_rows), s.B * s.H), dim3(flash2_threads), flash_smem_bytes<HD>, out, lse, q, k,
                v, s);
     });
 }
@@ -1627,7 +1650,7 @@ void s7_attention_decode_split(float* out, float* lse, const float* q, const flo
 // split was expensive (d64 50.9 against 44.5 at step 4) and hurt after step 5 (48.4 / 54.3 against 58.5 / 59.8).
 // Accuracy: max |error| 5e-6 at d128 against stage 6's 4e-7, twenty times inside the tolerance (1e-4 + 1e-3 |ref|).
 constexpr int s8_rows = 128, s8_threads = 256;  // 8 warps of 16 rows; K/V tiles of flash_keys (64) keys
-static_assert(flash_keys == 64 && s8_threads == flash_threads, "stage 8 loads its K/V tiles with stage 4's loader");
+static_assert(flash_keys == 64, "stage 8 loads its K/V tiles with stage 4's loader");
 template <int HD>
 constexpr int s8_stride = HD + 4;
 template <int HD>
@@ -1680,7 +1703,7 @@ __global__ void __launch_bounds__(s8_threads, HD <= 80 ? 2 : 1)
     const auto [key_end, full_end] = block_keys(s, row0, s8_rows);
     const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
     const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
-    if (key_end > 0) load_kv_tile_async<HD>(k_s, S, k_head, 0, s.Nk);
+    if (key_end > 0) load_kv_tile_async<HD, s8_threads>(k_s, S, k_head, 0, s.Nk, threadIdx.x);
     const float* q_head = q + int64_t(head) * s.Nq * HD;
     const float q_scale = rsqrtf(float(HD)) * log2_e;
     for (int f = threadIdx.x; f < s8_rows * HD / 4; f += s8_threads) {
@@ -1695,7 +1718,7 @@ __global__ void __launch_bounds__(s8_threads, HD <= 80 ? 2 : 1)
     cp_async_wait_all();
     __syncthreads();  // Q and K_0 are in shared memory
     for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
-        load_kv_tile_async<HD>(v_s, S, v_head, key0, s.Nk);  // V_j streams in while S is computed
+        load_kv_tile_async<HD, s8_threads>(v_s, S, v_head, key0, s.Nk, threadIdx.x);  // V_j streams in while S is computed
         // S = Q K_j^T: the warp's 16 rows x 64 keys, 8 C tiles; hd / 8 steps of k, each one A tile of Q and 8 B
         // tiles of K.
         float scores[key_tiles][4] = {};
@@ -1745,7 +1768,8 @@ __global__ void __launch_bounds__(s8_threads, HD <= 80 ? 2 : 1)
         }
         cp_async_wait_all();
         __syncthreads();  // V_j is complete, and every warp is done reading K_j
-        if (key0 + flash_keys < key_end) load_kv_tile_async<HD>(k_s, S, k_head, key0 + flash_keys, s.Nk);
+        if (key0 + flash_keys < key_end)
+            load_kv_tile_async<HD, s8_threads>(k_s, S, k_head, key0 + flash_keys, s.Nk, threadIdx.x);
         // acc += P V_j, 8 keys at a time: P's A tile is S's C tile n (k index t = key 2t, t + 4 = key 2t + 1), and
         // the B tiles are V's rows 8n + 2t and 8n + 2t + 1, groups of output columns at a time.
         constexpr int column_tiles = HD / 8 <= 8 ? HD / 8 : HD / 16;  // B tiles per pass: 4, 8, 5, 8 at hd 32-128
