@@ -37,33 +37,32 @@
 // Measured on an NVIDIA H200, 2026-12-04, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full table,
 // causal and not, is in out/cuda_bench.md and the README). fp32 peak 66.9 TFLOP/s, DRAM 4814 GB/s.
 //   stage  workload                        ms       TFLOP/s   GB/s   x over the previous stage of its kind
-//   0a     x [98304, 1024]                 0.259     0.39     3112
-//   0b     x [98304, 1024]                 0.120     0.84     3346
-//   0c     x [98304, 1024]                 0.360     1.4      2236
-//   3a     x [98304, 1024]                 0.549     0.92     1467   0.66 (vs 0c; see stage 3)
-//   cuBLAS 4096^3                          2.674    51.4
-//   1a     4096^3                         24.234     5.7
-//   1b     4096^3                         15.714     8.7             1.54
-//   1c     4096^3                          3.371    40.8             4.66   (79% of cuBLAS)
-//   1d     4096^3, B transposed            3.369    40.8
-//   2      B4 H16 N4096 d64               14.134    19.4
-//   3b     B4 H16 N4096 d64               43.250     6.4             0.33   (see stage 3)
-//   4      B4 H16 N4096 d64               12.095    22.7             3.58
-//   5      B4 H16 N4096 d64                7.031    39.1             1.72
-//   6      B4 H16 N4096 d64                7.016    39.2             1.00   (non-causal: the same work as 5)
-//   8      B4 H16 N4096 d64                4.500    61.1             1.56   (tensor cores)
-//   5      B4 H16 N4096 d64 causal         7.120    19.3             1.70
-//   6      B4 H16 N4096 d64 causal         3.802    36.2             1.87
-//   8      B4 H16 N4096 d64 causal         2.534    54.3             1.50
-//   5      B2 H16 N8192 d128              25.369    43.3             2.06
-//   6      B2 H16 N8192 d128              25.075    43.8             1.01
-//   8      B2 H16 N8192 d128              18.341    59.9             1.37
-//   6      B2 H16 N8192 d128 causal       13.151    41.8             1.94   (vs 5 causal, 25.546 ms)
-//   8      B2 H16 N8192 d128 causal        9.598    57.3             1.37
+//   0a     x [98304, 1024]                 0.264     0.38     3054
+//   0b     x [98304, 1024]                 0.121     0.83     3331
+//   0c     x [98304, 1024]                 0.366     1.4      2201
+//   3a     x [98304, 1024]                 0.549     0.92     1466   0.67 (vs 0c; see stage 3)
+//   cuBLAS 4096^3                          2.685    51.2
+//   1a     4096^3                         25.033     5.5
+//   1b     4096^3                         15.835     8.7             1.58
+//   1c     4096^3                          3.369    40.8             4.70   (80% of cuBLAS)
+//   1d     4096^3, B transposed            3.367    40.8
+//   2      B4 H16 N4096 d64               14.190    19.4
+//   3b     B4 H16 N4096 d64               44.444     6.2             0.32   (see stage 3)
+//   4      B4 H16 N4096 d64               12.191    22.5             3.65
+//   5      B4 H16 N4096 d64                6.959    39.5             1.75
+//   6      B4 H16 N4096 d64                6.904    39.8             1.01   (non-causal: the same work as 5)
+//   8      B4 H16 N4096 d64                4.501    61.1             1.53   (tensor cores)
+//   5      B4 H16 N4096 d64 causal         7.049    19.5             1.73
+//   6      B4 H16 N4096 d64 causal         3.750    36.7             1.88
+//   8      B4 H16 N4096 d64 causal         2.513    54.7             1.49
+//   5      B2 H16 N8192 d128              25.269    43.5             2.08
+//   6      B2 H16 N8192 d128              24.540    44.8             1.03
+//   8      B2 H16 N8192 d128              18.343    59.9             1.34
+//   6      B2 H16 N8192 d128 causal       12.866    42.7             1.97   (vs 5 causal, 25.386 ms)
+//   8      B2 H16 N8192 d128 causal        9.606    57.2             1.34
 // The stage banners keep the numbers of the machine each stage was tuned on (the H100 for stages 0-6).
-// The last flash-kernel change (the K/V copies unrolled, 2026-12-04) was timed against the build before it in one run
-// of `./gpt_cuda run` on the H200: B2 H16 N8192 d128 stage 5 26.11 -> 25.38 ms, stage 6 26.33 -> 25.09 ms, stage 6
-// causal 13.83 -> 13.16 ms; the stage 5 and 6 banners have the rest.
+// The last flash-kernel change (K and V copied by copy warps in stages 5 and 6, 2026-12-04) is the stage 5 banner's
+// last paragraph, with its measurements against the build before.
 //
 // Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | stage 7 | stage 8 |
 // runner | GPU model: layer kernels | weights, cache, forward | inference and evaluation | bench | CLI.
@@ -1111,14 +1110,15 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // Changes from stage 4: one launch instead of Nk/64; no reads or writes of O, m, l per tile; O is divided by l once
 // (not after every tile); each thread keeps its partial l, so only the max needs shuffles per tile. The loads of K and
 // V take turns with the math (cp.async): V_j arrives while S = Q K_j^T is computed, K_j+1 while P V_j is, so the
-// block rarely waits for memory. Causal rows are handled by masking every tile (stage 6 skips the tiles that are fully
+// block rarely waits for memory; four copy warps of the block issue them (see below). Causal rows are handled by masking every tile (stage 6 skips the tiles that are fully
 // masked). Faster because the only memory traffic left is reading Q once and K, V once per query block, and it
 // overlaps the arithmetic. Measured (H100, 2026-11-24, ./gpt_cuda run, after unroll 16 in pv_tile and exp2_flush):
 // B4 H16 N4096 d64 6.97 ms, 39.5 TFLOP/s (7.09 ms, 38.8 before, same run; 7.27 ms, 37.8 with unroll 4 in
 // scores_tile and pv_tile); B2 H16 N8192 d128 26.1 ms, 42.1 TFLOP/s (26.5 ms, 41.5; 27.3 ms, 40.3). Earlier, with
 // unroll 4 (./gpt_cuda bench): causal d64 7.36 ms, 18.7 TFLOP/s; d128 2.02x of stage 4; B8 H12 N1024 d64 0.706 ms,
-// 36.5 TFLOP/s. One block of 256 threads per SM: at d128 shared memory allows no more (165 KB), at d64 registers
-// (169 a thread; two blocks need at most 128, and __launch_bounds__(256, 2) spills 24 bytes). What limits it, from
+// 36.5 TFLOP/s. One block per SM: at d128 shared memory allows no more (165 KB), at d64 registers (before the copy
+// warps, 169 a thread for 256 threads; two blocks need at most 128, and __launch_bounds__(256, 2) spills 24 bytes;
+// with them 144 for 384, where two blocks would need 85). What limits it, from
 // ncu at d128 (unroll 8): the issue slots are 74% busy and the FMA pipe 66%; FFMA is 84% of the instructions. Each
 // warp's float4 read from shared memory costs 2 wavefronts when the lanes of each half-warp share one address (Q, P)
 // and 4 when they read 16 different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as
@@ -1140,6 +1140,18 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // unrolled copies, ncu finds P V's first shared-memory load waiting for the K_j+1 copies to release the address
 // registers it reuses (11% of the no-issue samples); copying K and V with cp.async.bulk instead was much slower (d128
 // 34.5 TFLOP/s), and skipping the rescale unless a row's max grew by more than 8 gained under 2% (README).
+// Hence the copy warps (FlashAttention-3 calls them producer warps): the block grows from 8 warps to 12, and the 4 new
+// ones only copy, so the 8 that compute hold no copy addresses (168 registers a thread at d128 instead of 223).
+// Measured (H200, 2026-12-04, `./gpt_cuda run`, each side by side with the build before: stage 5 d128 43.3 TFLOP/s,
+// stage 6 43.9, causal d128 41.8, stage 6 d64 39.2; `./gpt_cuda bench` then agreed with the last row):
+//   one copy warp (all copies on one scheduler)           stage 6 d128 40.7 TFLOP/s, d64 38.0
+//   four copy warps, barrier bar.sync (.aligned)          stage 5 d128 44.4, stage 6 44.4, causal 42.3, d64 40.5
+//   four copy warps, barrier.sync (this code)             stage 5 d128 43.6, stage 6 44.8, causal 42.7, d64 39.8
+//   compute warps decoupled (mbarriers: each waits only for its data, never for the other warps) stage 6 d128 43.8,
+//   d64 41.7, causal d64 38.5
+// The .aligned form is faster but wrong here: it promises that every thread of the block waits at the same
+// instruction, and the copy warps wait at their own (compute-sanitizer's synccheck reports it). The mbarrier version
+// was faster at d64 and slower at d128, so the kernel keeps one mechanism, the plain barrier.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
@@ -1155,7 +1167,9 @@ __device__ float exp2_flush(const float x) {
 // K_0, then per tile V_j and K_j+1, each followed by a wait for the copy and a barrier of all 12 warps. The compute
 // warps never issue a copy, so none of their issue slots and registers go to copies. Four copy warps, not one: warp w
 // runs on scheduler w % 4 of the SM, so each scheduler gets one (a single copy warp, with all the copies on one
-// scheduler, ran 7% slower than copies by every thread). The barrier is named barrier 1 counting all 384 threads.
+// scheduler, ran 7% slower than copies by every thread). The barrier is named barrier 1 (barrier 0 is __syncthreads)
+// counting all 384 threads, in its non-.aligned form barrier.sync: the copy warps and the compute warps reach it at
+// different instructions, which bar.sync (= barrier.sync.aligned) and __syncthreads do not allow.
 constexpr int copy_threads = 128;
 constexpr int flash2_threads = flash_threads + copy_threads;
 __device__ void tile_barrier() { asm volatile("barrier.sync 1, %0;" ::"n"(flash2_threads) : "memory"); }
@@ -1281,7 +1295,9 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // B2 H16 N8192 d128 26.3 ms, 41.8 TFLOP/s (26.6 ms, 41.3; 27.3 ms, 40.2). Earlier, with unroll 4 (./gpt_cuda bench):
 // causal B8 H12 N1024 d64 0.518 ms, 24.9 TFLOP/s (1.38x of stage 5). With the K/V copies unrolled (H200, 2026-12-04,
 // same run): causal d128 13.16 ms, 41.8 TFLOP/s (13.83, 39.7 before); non-causal d128 25.09 ms, 43.8 (26.33, 41.8);
-// causal B4 H16 N4096 d64 3.84 ms (3.88); causal B8 H12 N1024 d64 0.481 ms (0.489).
+// causal B4 H16 N4096 d64 3.84 ms (3.88); causal B8 H12 N1024 d64 0.481 ms (0.489). With stage 5's copy warps
+// (H200, 2026-12-04, ./gpt_cuda bench): causal B4 H16 N4096 d64 3.75 ms, 36.7 TFLOP/s; non-causal 39.8; causal
+// B2 H16 N8192 d128 12.87 ms, 42.7; non-causal 24.54 ms, 44.8.
 
 // The keys a block of query rows [row0, row0 + rows) attends to: keys [0, key_end) are seen by some row of the block,
 // keys [0, full_end) by every row of it.
@@ -1625,8 +1641,8 @@ void s7_attention_decode_split(float* out, float* lse, const float* q, const flo
 // of C, each lane holding fixed elements (g = lane / 4, t = lane % 4):
 //   A: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);   B: (k = t, n = g), (t + 4, g);
 //   C: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
-// A warp owns 16 query rows, a block 128 (8 warps), and K/V tiles of 64 keys come in as in stage 6 (cp.async, V_j
-// while S is computed, K_j+1 while P V_j is). S's C tiles become P's A tiles in the registers they are in, with no
+// A warp owns 16 query rows, a block 128 (8 warps), and K/V tiles of 64 keys come in as in stage 4, copied by all
+// the block's threads (cp.async, V_j while S is computed, K_j+1 while P V_j is). S's C tiles become P's A tiles in the registers they are in, with no
 // shuffle and no trip through shared memory: within each group of 8 keys, the product's k index t stands for key 2t
 // and t + 4 for key 2t + 1, and V's B tile is read in that order of keys. Q, K and V rows sit in shared memory at a
 // stride of hd + 4 floats, so each fragment load hits 32 different banks. Masks, tile skipping and the online softmax
@@ -3125,8 +3141,8 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 //    down), each launched to overlap the one before, so that a gemv loads its weights before it waits for its input;
 //  - the last gemv writes the logits straight into page-locked host memory (a copy node cost about 3 us a token).
 // Measured (H200, 2026-12-04, ./gpt_cuda bench; L12 D768 H12 G4 F2048 V2048, fp32): 0.172 ms a token at positions
-// 2-65 and 0.244 ms at 4032-4095, 43% and 40% of the bandwidth limit (309 and 408 MB a token at the measured
-// 4152 GB/s); at the start of 2026-12-03 it took 0.366 and 0.491 ms, and the README has each step since. What is
+// 2-65 and 0.242 ms at 4032-4095, 43% and 41% of the bandwidth limit (309 and 408 MB a token at the measured
+// 4135 GB/s); at the start of 2026-12-03 it took 0.366 and 0.491 ms, and the README has each step since. What is
 // left is the chain of 63 dependent kernels, about 15 us a layer. A timeline of the step at position 10 (each
 // block's %globaltimer at its start, after its wait and at its end): a hand-over costs 0.6-0.9 us, and after its
 // wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4, o_proj 1.1, [gate; up] 1.8-2.1, down 1.1-2.4. Stage 7 is slow
