@@ -26,7 +26,8 @@
 //   3a     s3a_softmax_online                one-pass (online) softmax
 //   3b     s3b_attention_streaming           attention that streams over keys: the N x N matrix is never stored
 //   4      s4_attention_flash1               tiles in shared memory, FlashAttention-1 loop order (O in global memory)
-//   5      s5_attention_flash2               fused FlashAttention-2: a block owns its rows, state in registers
+//   5      s5_attention_flash2               fused FlashAttention-2: a block owns its rows, state in registers, K/V
+//                                            copied by copy warps that do nothing else
 //   6      s6_attention_flash_causal         causal tile skipping, masking only diagonal tiles, longest blocks first
 //   7      s7_attention_decode_split         decode: a few query rows, the KEYS split across blocks, partials merged
 //   8      s8_attention_tensor_cores         stage 6 on the tensor cores, operands split in two TF32 parts (3xTF32)
@@ -1109,37 +1110,37 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 //   O = acc / l,  LSE = m + log l.    (DESIGN.md §7)
 // Changes from stage 4: one launch instead of Nk/64; no reads or writes of O, m, l per tile; O is divided by l once
 // (not after every tile); each thread keeps its partial l, so only the max needs shuffles per tile. The loads of K and
-// V take turns with the math (cp.async): V_j arrives while S = Q K_j^T is computed, K_j+1 while P V_j is, so the
-// block rarely waits for memory; four copy warps of the block issue them (see below). Causal rows are handled by masking every tile (stage 6 skips the tiles that are fully
-// masked). Faster because the only memory traffic left is reading Q once and K, V once per query block, and it
-// overlaps the arithmetic. Measured (H100, 2026-11-24, ./gpt_cuda run, after unroll 16 in pv_tile and exp2_flush):
-// B4 H16 N4096 d64 6.97 ms, 39.5 TFLOP/s (7.09 ms, 38.8 before, same run; 7.27 ms, 37.8 with unroll 4 in
-// scores_tile and pv_tile); B2 H16 N8192 d128 26.1 ms, 42.1 TFLOP/s (26.5 ms, 41.5; 27.3 ms, 40.3). Earlier, with
-// unroll 4 (./gpt_cuda bench): causal d64 7.36 ms, 18.7 TFLOP/s; d128 2.02x of stage 4; B8 H12 N1024 d64 0.706 ms,
-// 36.5 TFLOP/s. One block per SM: at d128 shared memory allows no more (165 KB), at d64 registers (before the copy
-// warps, 169 a thread for 256 threads; two blocks need at most 128, and __launch_bounds__(256, 2) spills 24 bytes;
-// with them 144 for 384, where two blocks would need 85). What limits it, from
-// ncu at d128 (unroll 8): the issue slots are 74% busy and the FMA pipe 66%; FFMA is 84% of the instructions. Each
-// warp's float4 read from shared memory costs 2 wavefronts when the lanes of each half-warp share one address (Q, P)
-// and 4 when they read 16 different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as
-// long as the FMA pipe would be at full rate. Yet it is not the limit: a layout of 8 key threads x 2 row threads a
-// half-warp, a quarter fewer wavefronts in the scores and a third fewer in P V, ran at the same speed (H200,
-// 2026-12-03: d128 42.4 against 42.0 TFLOP/s). More warps to hide the barriers did not help either: 512 threads
-// owning 4 rows each (16 warps an SM at d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA; two blocks
-// of 64 rows and 128 threads an SM (the same 8 warps, a barrier stopping half of them) at 39.2 (H200, 2026-12-04),
-// with twice the K/V copies per FMA. Where the idle issue slots went, from ncu's stall samples (H200, 2026-12-04,
-// B1 H16 N8192 d128): a third in the scores' FMAs (waiting for shared-memory loads), a quarter in the K/V copy loop,
-// a tenth at the two barriers. The copies unrolled (load_kv_tile_async) gave d128 25.4 ms, 43.3 TFLOP/s against
-// 26.1 ms, 42.1 (H200, same run, 2 rounds); d64 7.03 against 6.96 ms, 1% slower. Two more tries, each side by side
-// (H200, 2026-12-04): K and V double-buffered (227 KB at d128; one barrier a tile instead of two, P's exchange being
-// within a half-warp) ran at the same speed at d128 (43.35 against 43.33 TFLOP/s) and stage 6 slower at d64 (36.6
-// against 39.8); P V unrolled fully (a loop body of about 4400 instructions at d128) gave 44.5 against 43.3 here, but
-// stage 6 causal d128 41.1 against 41.8 and causal d64 34.6 against 36.3 (scores by 16 and P V by 32: stage 6 d128
-// 44.7 against 43.9, causal d128 36.8 against 41.8), so the unrolls stay 8 and 16. Small differences are within
-// what moves between builds: stage 6 at d80, its code unchanged, ran at 28.6 in one build, 27.5 in another. After the
-// unrolled copies, ncu finds P V's first shared-memory load waiting for the K_j+1 copies to release the address
-// registers it reuses (11% of the no-issue samples); copying K and V with cp.async.bulk instead was much slower (d128
-// 34.5 TFLOP/s), and skipping the rescale unless a row's max grew by more than 8 gained under 2% (README).
+// V take turns with the math (cp.async): V_j arrives while S = Q K_j^T is computed, K_j+1 while P V_j is, so the block
+// rarely waits for memory; four copy warps of the block issue them (see below). Causal rows are handled by masking
+// every tile (stage 6 skips the tiles that are fully masked). Faster because the only memory traffic left is reading Q
+// once and K, V once per query block, and it overlaps the arithmetic. Measured (H100, 2026-11-24, ./gpt_cuda run, after
+// unroll 16 in pv_tile and exp2_flush): B4 H16 N4096 d64 6.97 ms, 39.5 TFLOP/s (7.09 ms, 38.8 before, same run; 7.27
+// ms, 37.8 with unroll 4 in scores_tile and pv_tile); B2 H16 N8192 d128 26.1 ms, 42.1 TFLOP/s (26.5 ms, 41.5; 27.3 ms,
+// 40.3). Earlier, with unroll 4 (./gpt_cuda bench): causal d64 7.36 ms, 18.7 TFLOP/s; d128 2.02x of stage 4; B8 H12
+// N1024 d64 0.706 ms, 36.5 TFLOP/s. One block per SM: at d128 shared memory allows no more (165 KB), at d64 registers
+// (before the copy warps, 169 a thread for 256 threads; two blocks need at most 128, and __launch_bounds__(256, 2)
+// spills 24 bytes; with them 144 for 384, where two blocks would need 85). What limits it, from ncu at d128 (unroll 8):
+// the issue slots are 74% busy and the FMA pipe 66%; FFMA is 84% of the instructions. Each warp's float4 read from
+// shared memory costs 2 wavefronts when the lanes of each half-warp share one address (Q, P) and 4 when they read 16
+// different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as long as the FMA pipe would be
+// at full rate. Yet it is not the limit: a layout of 8 key threads x 2 row threads a half-warp, a quarter fewer
+// wavefronts in the scores and a third fewer in P V, ran at the same speed (H200, 2026-12-03: d128 42.4 against 42.0
+// TFLOP/s). More warps to hide the barriers did not help either: 512 threads owning 4 rows each (16 warps an SM at
+// d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA; two blocks of 64 rows and 128 threads an SM (the
+// same 8 warps, a barrier stopping half of them) at 39.2 (H200, 2026-12-04), with twice the K/V copies per FMA. Where
+// the idle issue slots went, from ncu's stall samples (H200, 2026-12-04, B1 H16 N8192 d128): a third in the scores'
+// FMAs (waiting for shared-memory loads), a quarter in the K/V copy loop, a tenth at the two barriers. The copies
+// unrolled (load_kv_tile_async) gave d128 25.4 ms, 43.3 TFLOP/s against 26.1 ms, 42.1 (H200, same run, 2 rounds); d64
+// 7.03 against 6.96 ms, 1% slower. Two more tries, each side by side (H200, 2026-12-04): K and V double-buffered (227
+// KB at d128; one barrier a tile instead of two, P's exchange being within a half-warp) ran at the same speed at d128
+// (43.35 against 43.33 TFLOP/s) and stage 6 slower at d64 (36.6 against 39.8); P V unrolled fully (a loop body of about
+// 4400 instructions at d128) gave 44.5 against 43.3 here, but stage 6 causal d128 41.1 against 41.8 and causal d64 34.6
+// against 36.3 (scores by 16 and P V by 32: stage 6 d128 44.7 against 43.9, causal d128 36.8 against 41.8), so the
+// unrolls stay 8 and 16. Small differences are within what moves between builds: stage 6 at d80, its code unchanged,
+// ran at 28.6 in one build, 27.5 in another. After the unrolled copies, ncu finds P V's first shared-memory load
+// waiting for the K_j+1 copies to release the address registers it reuses (11% of the no-issue samples); copying K and
+// V with cp.async.bulk instead was much slower (d128 34.5 TFLOP/s), and skipping the rescale unless a row's max grew by
+// more than 8 gained under 2% (README).
 // Hence the copy warps (FlashAttention-3 calls them producer warps): the block grows from 8 warps to 12, and the 4 new
 // ones only copy, so the 8 that compute hold no copy addresses (168 registers a thread at d128 instead of 223).
 // Measured (H200, 2026-12-04, `./gpt_cuda run`, each side by side with the build before: stage 5 d128 43.3 TFLOP/s,
@@ -1641,12 +1642,13 @@ void s7_attention_decode_split(float* out, float* lse, const float* q, const flo
 // of C, each lane holding fixed elements (g = lane / 4, t = lane % 4):
 //   A: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);   B: (k = t, n = g), (t + 4, g);
 //   C: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
-// A warp owns 16 query rows, a block 128 (8 warps), and K/V tiles of 64 keys come in as in stage 4, copied by all
-// the block's threads (cp.async, V_j while S is computed, K_j+1 while P V_j is). S's C tiles become P's A tiles in the registers they are in, with no
-// shuffle and no trip through shared memory: within each group of 8 keys, the product's k index t stands for key 2t
-// and t + 4 for key 2t + 1, and V's B tile is read in that order of keys. Q, K and V rows sit in shared memory at a
-// stride of hd + 4 floats, so each fragment load hits 32 different banks. Masks, tile skipping and the online softmax
-// are stage 6's, applied to the C tiles (the 4 lanes of a group share a row: two shuffles for its max).
+// A warp owns 16 query rows, a block 128 (8 warps), and K/V tiles of 64 keys come in as in stage 4, copied by all the
+// block's threads (cp.async, V_j while S is computed, K_j+1 while P V_j is). S's C tiles become P's A tiles in the
+// registers they are in, with no shuffle and no trip through shared memory: within each group of 8 keys, the product's
+// k index t stands for key 2t and t + 4 for key 2t + 1, and V's B tile is read in that order of keys. Q, K and V rows
+// sit in shared memory at a stride of hd + 4 floats, so each fragment load hits 32 different banks. Masks, tile
+// skipping and the online softmax are stage 6's, applied to the C tiles (the 4 lanes of a group share a row: two
+// shuffles for its max).
 // Changes from stage 6: both products as mma.sync on split operands, P kept in registers. Faster because a tensor core
 // instruction does 2048 flops where an FFMA does 64, so even at three per product and the splitting around them the
 // FMA pipe's limit is left behind. Measured (H200, 2026-12-03, ./gpt_cuda bench): B2 H16 N8192 d128 18.8 ms,
@@ -1734,7 +1736,7 @@ __global__ void __launch_bounds__(s8_threads, HD <= 80 ? 2 : 1)
     cp_async_wait_all();
     __syncthreads();  // Q and K_0 are in shared memory
     for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
-        load_kv_tile_async<HD, s8_threads>(v_s, S, v_head, key0, s.Nk, threadIdx.x);  // V_j streams in while S is computed
+        load_kv_tile_async<HD, s8_threads>(v_s, S, v_head, key0, s.Nk, threadIdx.x);  // V_j arrives while S is computed
         // S = Q K_j^T: the warp's 16 rows x 64 keys, 8 C tiles; hd / 8 steps of k, each one A tile of Q and 8 B
         // tiles of K.
         float scores[key_tiles][4] = {};
@@ -1915,7 +1917,7 @@ const Stage stages[] = {
      .attention = s4_attention_flash1},
     {.id = "5",
      .kernel = "s5_attention_flash2",
-     .idea = "fused FlashAttention-2, state in registers",
+     .idea = "fused FlashAttention-2, state in registers, copy warps",
      .kind = StageKind::attention,
      .attention = s5_attention_flash2},
     {.id = "6",
