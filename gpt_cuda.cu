@@ -1152,7 +1152,11 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 //   d64 41.7, causal d64 38.5
 // The .aligned form is faster but wrong here: it promises that every thread of the block waits at the same
 // instruction, and the copy warps wait at their own (compute-sanitizer's synccheck reports it). The mbarrier version
-// was faster at d64 and slower at d128, so the kernel keeps one mechanism, the plain barrier.
+// was faster at d64 and slower at d128, so the kernel keeps one mechanism, the plain barrier. With the copy warps,
+// ncu at d128 (H200, 2026-12-04, stage 6) finds the compute warps' samples 39% issuing, 33% ready while another warp
+// issues, 14% held at dispatch, 7% waiting for shared memory and 1.2% at a barrier: the barriers are no longer the
+// limit, the instruction mix and the dispatch stalls are (the first barrier moved to right after the scores: 4%
+// slower; README).
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
@@ -1371,6 +1375,9 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
 // O out) wait in that queue. With no kernel started during it, it takes 2.8 us, but the gemvs then load their
 // weights after their waits and the step is slower (see the inference section). Neither an SM of its own (227 KB of
 // shared memory a block) nor running its code once before the wait (to have the instructions cached) made it faster.
+// Its share of a decode step, timed by taking parts out (H200, 2026-12-04; README): 36 us of 0.173 ms a token at
+// positions 2-65 (7 of them its hand-over), and 100 us of 0.240 ms at 3698-3761, where the fence and the count of
+// arrivals take 12 us and the merge 35; merges that load 16 or 32 splits at once (2 or 1 round trips) were slower.
 
 // Where the keys and values live and how they are split. Nk = past + Nq: the Nq new rows are the last Nq keys.
 struct SplitKv {
@@ -3150,6 +3157,8 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 // wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4, o_proj 1.1, [gate; up] 1.8-2.1, down 1.1-2.4. Stage 7 is slow
 // because the gemvs after it load their weights during it (see stage 7), yet every way tried of loading them later
 // or earlier made the step slower (the README lists them with their numbers).
+// With stage 7 left out (wrong logits, a timing only; H200, 2026-12-04) the step takes 0.137 ms at any position: the
+// weights alone would be at about 55% of the limit, and stage 7 is where the rest goes (see its banner).
 // Prefill of 4096 tokens: 33.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.
