@@ -1378,7 +1378,8 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
 // Its share of a decode step, timed by taking parts out (H200, 2026-12-04; README): 36 us of 0.173 ms a token at
 // positions 2-65 (7 of them its hand-over), and 100 us of 0.240 ms at 3698-3761, where the fence and the count of
 // arrivals take 12 us and the merge 35; merges that load 16 or 32 splits at once (2 or 1 round trips) were slower,
-// and the merge as a second kernel launched to overlap this one was 4.6% faster there but slower below 2000 keys.
+// and the merge as a second kernel launched to overlap this one was 4.6% faster there but slower at positions
+// 66-129 (0.204 against 0.193 ms) and alone (0.015 against 0.013 ms at 4096 keys).
 
 // Where the keys and values live and how they are split. Nk = past + Nq: the Nq new rows are the last Nq keys.
 struct SplitKv {
