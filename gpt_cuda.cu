@@ -38,32 +38,32 @@
 // Measured on an NVIDIA H200, 2026-12-04, with `./gpt_cuda bench` (median of 10 runs, L2 flushed; the full table,
 // causal and not, is in out/cuda_bench.md and the README). fp32 peak 66.9 TFLOP/s, DRAM 4814 GB/s.
 //   stage  workload                        ms       TFLOP/s   GB/s   x over the previous stage of its kind
-//   0a     x [98304, 1024]                 0.264     0.38     3054
+//   0a     x [98304, 1024]                 0.264     0.38     3055
 //   0b     x [98304, 1024]                 0.121     0.83     3331
 //   0c     x [98304, 1024]                 0.366     1.4      2201
 //   3a     x [98304, 1024]                 0.549     0.92     1466   0.67 (vs 0c; see stage 3)
-//   cuBLAS 4096^3                          2.685    51.2
-//   1a     4096^3                         25.033     5.5
-//   1b     4096^3                         15.835     8.7             1.58
-//   1c     4096^3                          3.369    40.8             4.70   (80% of cuBLAS)
-//   1d     4096^3, B transposed            3.367    40.8
-//   2      B4 H16 N4096 d64               14.190    19.4
-//   3b     B4 H16 N4096 d64               44.444     6.2             0.32   (see stage 3)
-//   4      B4 H16 N4096 d64               12.191    22.5             3.65
-//   5      B4 H16 N4096 d64                6.959    39.5             1.75
-//   6      B4 H16 N4096 d64                6.904    39.8             1.01   (non-causal: the same work as 5)
-//   8      B4 H16 N4096 d64                4.501    61.1             1.53   (tensor cores)
-//   5      B4 H16 N4096 d64 causal         7.049    19.5             1.73
-//   6      B4 H16 N4096 d64 causal         3.750    36.7             1.88
-//   8      B4 H16 N4096 d64 causal         2.513    54.7             1.49
-//   5      B2 H16 N8192 d128              25.269    43.5             2.08
-//   6      B2 H16 N8192 d128              24.540    44.8             1.03
-//   8      B2 H16 N8192 d128              18.343    59.9             1.34
-//   6      B2 H16 N8192 d128 causal       12.866    42.7             1.97   (vs 5 causal, 25.386 ms)
-//   8      B2 H16 N8192 d128 causal        9.606    57.2             1.34
+//   cuBLAS 4096^3                          2.686    51.2
+//   1a     4096^3                         25.027     5.5
+//   1b     4096^3                         15.831     8.7             1.58
+//   1c     4096^3                          3.371    40.8             4.70   (80% of cuBLAS)
+//   1d     4096^3, B transposed            3.364    40.9
+//   2      B4 H16 N4096 d64               14.188    19.4
+//   3b     B4 H16 N4096 d64               44.752     6.1             0.32   (see stage 3)
+//   4      B4 H16 N4096 d64               12.218    22.5             3.66
+//   5      B4 H16 N4096 d64                6.963    39.5             1.75
+//   6      B4 H16 N4096 d64                6.906    39.8             1.01   (non-causal: the same work as 5)
+//   8      B4 H16 N4096 d64                4.529    60.7             1.52   (tensor cores)
+//   5      B4 H16 N4096 d64 causal         7.050    19.5             1.74
+//   6      B4 H16 N4096 d64 causal         3.737    36.8             1.89
+//   8      B4 H16 N4096 d64 causal         2.518    54.6             1.48
+//   5      B2 H16 N8192 d128              24.959    44.1             2.10
+//   6      B2 H16 N8192 d128              24.441    44.99            1.02
+//   8      B2 H16 N8192 d128              18.397    59.8             1.33
+//   6      B2 H16 N8192 d128 causal       12.882    42.7             1.95   (vs 5 causal, 25.111 ms)
+//   8      B2 H16 N8192 d128 causal        9.672    56.8             1.33
 // The stage banners keep the numbers of the machine each stage was tuned on (the H100 for stages 0-6).
-// The last flash-kernel change (K and V copied by copy warps in stages 5 and 6, 2026-12-04) is the stage 5 banner's
-// last paragraph, with its measurements against the build before.
+// The last flash-kernel changes, each with its measurements against the build before: the scores' loop unrolled by 16
+// from hd 80 (scores_tile), and before it the copy warps of stages 5 and 6 (the stage 5 banner's last paragraph).
 //
 // Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | stage 7 | stage 8 |
 // runner | GPU model: layer kernels | weights, cache, forward | inference and evaluation | bench | CLI.
@@ -949,7 +949,11 @@ __device__ void scores_tile(float (&s)[rows_per_thread][keys_per_thread], const 
     for (int r = 0; r < rows_per_thread; ++r)
 #pragma unroll
         for (int c = 0; c < keys_per_thread; ++c) s[r][c] = 0.0f;
-#pragma unroll 8  // 8, not 4: 2-3% faster at d128, 6% causal d64 (loads of the next steps issue earlier)
+    // The loop over d (4 values a step) unrolled by 8 steps, by 16 from hd 80 (at hd 64, 16 is the whole loop: 5%
+    // slower), so that the loads of the next steps issue earlier. 8 against 4: 2-3% faster at d128, 6% causal d64.
+    // 16 against 8 (H200, 2026-12-04, three rounds side by side): causal d80 29.6 against 27.9 TFLOP/s, stage 5 d128
+    // 44.1 against 43.6, stage 6 d128 44.99-45.01 against 44.80-44.84, causal d128 42.7 both.
+#pragma unroll(HD >= 80 ? 16 : 8)
     for (int d0 = 0; d0 < HD; d0 += 4) {
         float4 kk[keys_per_thread];
 #pragma unroll
@@ -1135,12 +1139,12 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 // KB at d128; one barrier a tile instead of two, P's exchange being within a half-warp) ran at the same speed at d128
 // (43.35 against 43.33 TFLOP/s) and stage 6 slower at d64 (36.6 against 39.8); P V unrolled fully (a loop body of about
 // 4400 instructions at d128) gave 44.5 against 43.3 here, but stage 6 causal d128 41.1 against 41.8 and causal d64 34.6
-// against 36.3 (scores by 16 and P V by 32: stage 6 d128 44.7 against 43.9, causal d128 36.8 against 41.8), so the
-// unrolls stay 8 and 16. Small differences are within what moves between builds: stage 6 at d80, its code unchanged,
-// ran at 28.6 in one build, 27.5 in another. After the unrolled copies, ncu finds P V's first shared-memory load
-// waiting for the K_j+1 copies to release the address registers it reuses (11% of the no-issue samples); copying K and
-// V with cp.async.bulk instead was much slower (d128 34.5 TFLOP/s), and skipping the rescale unless a row's max grew by
-// more than 8 gained under 2% (README).
+// against 36.3 (scores by 16 and P V by 32: stage 6 d128 44.7 against 43.9, causal d128 36.8 against 41.8), so P V's
+// unroll stays 16 (the scores' is in scores_tile). Small differences are within what moves between builds: stage 6 at
+// d80, its code unchanged, ran at 28.6 in one build, 27.5 in another. After the unrolled copies, ncu finds P V's first
+// shared-memory load waiting for the K_j+1 copies to release the address registers it reuses (11% of the no-issue
+// samples); copying K and V with cp.async.bulk instead was much slower (d128 34.5 TFLOP/s), and skipping the rescale
+// unless a row's max grew by more than 8 gained under 2% (README).
 // Hence the copy warps (FlashAttention-3 calls them producer warps): the block grows from 8 warps to 12, and the 4 new
 // ones only copy, so the 8 that compute hold no copy addresses (168 registers a thread at d128 instead of 223).
 // Measured (H200, 2026-12-04, `./gpt_cuda run`, each side by side with the build before: stage 5 d128 43.3 TFLOP/s,
@@ -1302,7 +1306,9 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // same run): causal d128 13.16 ms, 41.8 TFLOP/s (13.83, 39.7 before); non-causal d128 25.09 ms, 43.8 (26.33, 41.8);
 // causal B4 H16 N4096 d64 3.84 ms (3.88); causal B8 H12 N1024 d64 0.481 ms (0.489). With stage 5's copy warps
 // (H200, 2026-12-04, ./gpt_cuda bench): causal B4 H16 N4096 d64 3.75 ms, 36.7 TFLOP/s; non-causal 39.8; causal
-// B2 H16 N8192 d128 12.87 ms, 42.7; non-causal 24.54 ms, 44.8.
+// B2 H16 N8192 d128 12.87 ms, 42.7; non-causal 24.54 ms, 44.8. With the scores unrolled by 16 from hd 80 (the same
+// bench later that day): causal B4 H16 N4096 d64 3.74 ms, 36.8; non-causal 39.8; causal B2 H16 N8192 d128 12.88 ms,
+// 42.7; non-causal 24.44 ms, 44.99.
 
 // The keys a block of query rows [row0, row0 + rows) attends to: keys [0, key_end) are seen by some row of the block,
 // keys [0, full_end) by every row of it.
@@ -3151,17 +3157,17 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 //  - five kernels a layer (the q, k, v gemv with RoPE and the cache write, stage 7, o_proj, [gate; up] with SwiGLU,
 //    down), each launched to overlap the one before, so that a gemv loads its weights before it waits for its input;
 //  - the last gemv writes the logits straight into page-locked host memory (a copy node cost about 3 us a token).
-// Measured (H200, 2026-12-04, ./gpt_cuda bench; L12 D768 H12 G4 F2048 V2048, fp32): 0.172 ms a token at positions
-// 2-65 and 0.242 ms at 4032-4095, 43% and 41% of the bandwidth limit (309 and 408 MB a token at the measured
-// 4135 GB/s); at the start of 2026-12-03 it took 0.366 and 0.491 ms, and the README has each step since. What is
-// left is the chain of 63 dependent kernels, about 15 us a layer. A timeline of the step at position 10 (each
-// block's %globaltimer at its start, after its wait and at its end): a hand-over costs 0.6-0.9 us, and after its
-// wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4, o_proj 1.1, [gate; up] 1.8-2.1, down 1.1-2.4. Stage 7 is slow
-// because the gemvs after it load their weights during it (see stage 7), yet every way tried of loading them later
-// or earlier made the step slower (the README lists them with their numbers).
+// Measured (H200, 2026-12-04, ./gpt_cuda bench; L12 D768 H12 G4 F2048 V2048, fp32): 0.175 ms a token at positions 2-65
+// and 0.244 ms at 4032-4095, 42% and 40% of the bandwidth limit (309 and 408 MB a token at the measured 4176 GB/s;
+// 0.172 and 0.242 ms, 43% and 41% at 4135 GB/s in the run before); at the start of 2026-12-03 it took 0.366 and 0.491
+// ms, and the README has each step since. What is left is the chain of 63 dependent kernels, about 15 us a layer. A
+// timeline of the step at position 10 (each block's %globaltimer at its start, after its wait and at its end): a
+// hand-over costs 0.6-0.9 us, and after its wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4, o_proj 1.1, [gate; up]
+// 1.8-2.1, down 1.1-2.4. Stage 7 is slow because the gemvs after it load their weights during it (see stage 7), yet
+// every way tried of loading them later or earlier made the step slower (the README lists them with their numbers).
 // With stage 7 left out (wrong logits, a timing only; H200, 2026-12-04) the step takes 0.137 ms at any position: the
-// weights alone would be at about 55% of the limit, and stage 7 is where the rest goes (see its banner).
-// Prefill of 4096 tokens: 33.3 ms (stage 6).
+// weights alone would be at about 54% of the limit, and stage 7 is where the rest goes (see its banner).
+// Prefill of 4096 tokens: 31.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.
 struct CudaGraph {
