@@ -28,7 +28,8 @@
 //   4      s4_attention_flash1               tiles in shared memory, FlashAttention-1 loop order (O in global memory)
 //   5      s5_attention_flash2               fused FlashAttention-2: a block owns its rows, state in registers, K/V
 //                                            copied by copy warps that do nothing else
-//   6      s6_attention_flash_causal         causal tile skipping, masking only diagonal tiles, longest blocks first
+//   6      s6_attention_flash_causal         causal tile skipping, masking only diagonal tiles, longest blocks first;
+//                                            without the mask (below hd 128) equal shares of tiles, cut blocks merged
 //   7      s7_attention_decode_split         decode: a few query rows, the KEYS split across blocks, partials merged
 //   8      s8_attention_tensor_cores         stage 6 on the tensor cores, operands split in two TF32 parts (3xTF32)
 //
@@ -51,7 +52,7 @@
 //   3b     B4 H16 N4096 d64               44.752     6.1             0.32   (see stage 3)
 //   4      B4 H16 N4096 d64               12.218    22.5             3.66
 //   5      B4 H16 N4096 d64                6.963    39.5             1.75
-//   6      B4 H16 N4096 d64                6.906    39.8             1.01   (non-causal: the same work as 5)
+//   6      B4 H16 N4096 d64                6.589    41.7             1.06   (non-causal: 5's work in equal shares)
 //   8      B4 H16 N4096 d64                4.529    60.7             1.52   (tensor cores)
 //   5      B4 H16 N4096 d64 causal         7.050    19.5             1.74
 //   6      B4 H16 N4096 d64 causal         3.737    36.8             1.89
@@ -182,6 +183,14 @@ T* device_view(const PinnedArray<T>& host) {
 // Grows a scratch buffer to at least n elements (kept between calls, so timed runs do not allocate).
 void reserve(DeviceBuffer<float>& buffer, const size_t n) {
     if (buffer.count < n) buffer = DeviceBuffer<float>(n);
+}
+// The same for a buffer that holds arrival counters: a new buffer starts at zero, and the kernels that count in it
+// set each counter back to zero when they are done, so it stays zero between calls.
+void reserve_zeroed(DeviceBuffer<float>& buffer, const size_t n) {
+    if (buffer.count < n) {
+        buffer = DeviceBuffer<float>(n);
+        CUDA_CHECK(cudaMemset(buffer.data, 0, n * sizeof(float)));
+    }
 }
 
 // The one launch helper: checks the grid against the hardware limits, raises the dynamic shared-memory limit when a
@@ -1183,16 +1192,18 @@ constexpr int copy_threads = 128;
 constexpr int flash2_threads = flash_threads + copy_threads;
 __device__ void tile_barrier() { asm volatile("barrier.sync 1, %0;" ::"n"(flash2_threads) : "memory"); }
 
-// The copy warps' part of the loop over the tiles of keys [0, key_end). The barriers match the compute warps' one by
-// one: one before the loop (K_0, and Q from the compute warps, are in place), two a tile (see flash2_tile).
+// The copy warps' part of the loop over the tiles of keys [key_begin, key_end). The barriers match the compute warps'
+// one by one: one before the loop (K of the first tile, and Q from the compute warps, are in place), two a tile (see
+// flash2_tile).
 template <int HD>
-__device__ void copy_kv_tiles(const FlashTiles& tiles, const float* k_head, const float* v_head, const int key_end,
-                              const int Nk) {
+__device__ void copy_kv_tiles(const FlashTiles& tiles, const float* k_head, const float* v_head, const int key_begin,
+                              const int key_end, const int Nk) {
     const int thread = threadIdx.x - flash_threads;
-    if (key_end > 0) load_kv_tile_async<HD, copy_threads>(tiles.k_s, k_stride<HD>, k_head, 0, Nk, thread);
+    if (key_begin < key_end)
+        load_kv_tile_async<HD, copy_threads>(tiles.k_s, k_stride<HD>, k_head, key_begin, Nk, thread);
     cp_async_wait_all();
     tile_barrier();
-    for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
+    for (int key0 = key_begin; key0 < key_end; key0 += flash_keys) {
         load_kv_tile_async<HD, copy_threads>(tiles.v_s, HD, v_head, key0, Nk, thread);  // while S = Q K_j^T
         cp_async_wait_all();
         tile_barrier();  // V_j is complete, and every compute thread is done reading K_j
@@ -1254,25 +1265,47 @@ __device__ void write_flash_rows(float* out_head, float* lse_head, const float (
     }
 }
 
+// The copy warps' part for query head `head` (of B*H): they copy the K/V head that it reads.
+template <int HD>
+__device__ void copy_kv_tiles_for(const FlashTiles& tiles, const float* k, const float* v, const AttentionShape& s,
+                                  const int head, const int key_begin, const int key_end) {
+    const int64_t kv_head = head / (s.H / s.G);
+    copy_kv_tiles<HD>(tiles, k + kv_head * s.Nk * HD, v + kv_head * s.Nk * HD, key_begin, key_end, s.Nk);
+}
+
+// The compute warps' part: query rows [row0, row0 + Bq) of head `head` against keys [key_begin, key_end) (the copy
+// warps bring the tiles); they load Q and leave with acc, m and l of their rows. Tiles that end past full_end are
+// masked (stage 5 masks every tile: full_end = 0).
+template <int HD>
+__device__ void flash2_rows(const FlashTiles& tiles, float (&acc)[rows_per_thread][HD / 16],
+                            float (&m)[rows_per_thread], float (&l)[rows_per_thread], const float* q,
+                            const AttentionShape& s, const int head, const int row0, const int key_begin,
+                            const int key_end, const int full_end) {
+    load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) {
+        m[r] = -INFINITY, l[r] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < HD / 16; ++c) acc[r][c] = 0.0f;
+    }
+    tile_barrier();  // Q (from every compute thread) and the first K tile (from the copy warps) are in shared memory
+    for (int key0 = key_begin; key0 < key_end; key0 += flash_keys)
+        flash2_tile<HD>(key0 + flash_keys > full_end, tiles, acc, m, l, row0, key0, s);
+}
+
 template <int HD>
 __global__ void __launch_bounds__(flash2_threads)
     s5_attention_flash2_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
                                const AttentionShape s) {
     extern __shared__ float4 smem4[];
     const FlashTiles tiles = carve_flash_tiles<HD>(reinterpret_cast<float*>(smem4));
-    const int row0 = blockIdx.x * flash_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
-    const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
-    const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
+    const int row0 = blockIdx.x * flash_rows, head = blockIdx.y;
     if (threadIdx.x >= flash_threads) {  // a copy warp
-        copy_kv_tiles<HD>(tiles, k_head, v_head, s.Nk, s.Nk);
+        copy_kv_tiles_for<HD>(tiles, k, v, s, head, 0, s.Nk);
         return;
     }
-    load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
-    float acc[rows_per_thread][HD / 16] = {}, m[rows_per_thread], l[rows_per_thread];
-#pragma unroll
-    for (int r = 0; r < rows_per_thread; ++r) m[r] = -INFINITY, l[r] = 0.0f;
-    tile_barrier();  // Q (from every compute thread) and K_0 (from the copy warps) are complete in shared memory
-    for (int key0 = 0; key0 < s.Nk; key0 += flash_keys) flash2_tile<HD>(true, tiles, acc, m, l, row0, key0, s);
+    float acc[rows_per_thread][HD / 16], m[rows_per_thread], l[rows_per_thread];
+    flash2_rows<HD>(tiles, acc, m, l, q, s, head, row0, 0, s.Nk, 0);
     write_flash_rows<HD>(out + int64_t(head) * s.Nq * HD, lse + int64_t(head) * s.Nq, acc, m, l, row0, s.Nq);
 }
 
@@ -1296,7 +1329,8 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // no key at all writes O = 0 and LSE = -inf without touching K or V. Grouped-query attention is the index
 // h / (H/G) of every stage: the H/G query heads of a group are adjacent in the grid and share their K/V in L2.
 // Changes from stage 5: tile skipping, mask only on diagonal tiles, longest-first order. Faster because causal
-// attention does half the work of stage 5's masked loop; without a mask it is stage 5. Measured (H100, 2026-11-24,
+// attention does half the work of stage 5's masked loop. Without a mask it does stage 5's work, and below hd 128
+// deals it out in equal shares of tiles so that no SM idles in the last wave (6b below). Measured (H100, 2026-11-24,
 // ./gpt_cuda run, after unroll 16 in pv_tile and exp2_flush): causal B4 H16 N4096 d64 3.87 ms, 35.5 TFLOP/s (3.96 ms,
 // 34.7 before, same run; 4.14 ms, 33.2 with unroll 4 in scores_tile and pv_tile); causal B2 H16 N8192 d128 13.8 ms,
 // 39.7 TFLOP/s (13.96 ms, 39.4; 14.3 ms, 38.4); causal B8 H12 N1024 d64 0.490 ms, 26.3 TFLOP/s (0.495 ms, 26.0).
@@ -1308,7 +1342,8 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // (H200, 2026-12-04, ./gpt_cuda bench): causal B4 H16 N4096 d64 3.75 ms, 36.7 TFLOP/s; non-causal 39.8; causal
 // B2 H16 N8192 d128 12.87 ms, 42.7; non-causal 24.54 ms, 44.8. With the scores unrolled by 16 from hd 80 (the same
 // bench later that day): causal B4 H16 N4096 d64 3.74 ms, 36.8; non-causal 39.8; causal B2 H16 N8192 d128 12.88 ms,
-// 42.7; non-causal 24.44 ms, 44.99.
+// 42.7; non-causal 24.44 ms, 44.99. With equal shares without the mask below hd 128 (./gpt_cuda bench --stages 5,6,
+// later that day): non-causal B4 H16 N4096 d64 6.59 ms, 41.7 TFLOP/s; non-causal B8 H12 N1024 d64 0.650 ms, 39.6.
 
 // The keys a block of query rows [row0, row0 + rows) attends to: keys [0, key_end) are seen by some row of the block,
 // keys [0, full_end) by every row of it.
@@ -1326,33 +1361,191 @@ __global__ void __launch_bounds__(flash2_threads)
                                      const AttentionShape s) {
     extern __shared__ float4 smem4[];
     const FlashTiles tiles = carve_flash_tiles<HD>(reinterpret_cast<float*>(smem4));
-    const int row0 = (gridDim.x - 1 - blockIdx.x) * flash_rows, head = blockIdx.y, kv_head = head / (s.H / s.G);
+    const int row0 = (gridDim.x - 1 - blockIdx.x) * flash_rows, head = blockIdx.y;
     const auto [key_end, full_end] = block_keys(s, row0, flash_rows);
-    const float* k_head = k + int64_t(kv_head) * s.Nk * HD;
-    const float* v_head = v + int64_t(kv_head) * s.Nk * HD;
     if (threadIdx.x >= flash_threads) {  // a copy warp
-        copy_kv_tiles<HD>(tiles, k_head, v_head, key_end, s.Nk);
+        copy_kv_tiles_for<HD>(tiles, k, v, s, head, 0, key_end);
         return;
     }
-    load_q_tile<HD>(tiles.q_t, q + int64_t(head) * s.Nq * HD, row0, s.Nq, rsqrtf(float(HD)) * log2_e);
-    float acc[rows_per_thread][HD / 16] = {}, m[rows_per_thread], l[rows_per_thread];
-#pragma unroll
-    for (int r = 0; r < rows_per_thread; ++r) m[r] = -INFINITY, l[r] = 0.0f;
-    tile_barrier();  // Q (from every compute thread) and K_0 (from the copy warps) are complete in shared memory
-    for (int key0 = 0; key0 < key_end; key0 += flash_keys) {
-        flash2_tile<HD>(key0 + flash_keys > full_end, tiles, acc, m, l, row0, key0, s);
-    }
+    float acc[rows_per_thread][HD / 16], m[rows_per_thread], l[rows_per_thread];
+    flash2_rows<HD>(tiles, acc, m, l, q, s, head, row0, 0, key_end, full_end);
     write_flash_rows<HD>(out + int64_t(head) * s.Nq * HD, lse + int64_t(head) * s.Nq, acc, m, l, row0, s.Nq);
 }
 
+// ---- 6b. Without the mask: equal shares of tiles, so that no SM idles in the last wave ----
+// Not causal, every block of rows has the same ceil(Nk / Bc) tiles, and one block a block of rows leaves SMs idle at
+// the end: B2 H16 N8192 d128 is 2048 blocks, one at a time on each of 132 SMs (a block takes 162 KB of shared
+// memory), so 15.5 waves take the time of 16 and the last one runs on half the GPU. Measured (H200, 2026-12-04,
+// ./gpt_cuda run --stage 6 --d 128 --n 8192, same run): H = 33 (2112 blocks, 16 full waves) 46.2 TFLOP/s against
+// 45.0 at H = 32 (B1; 2048 blocks) and 43.7 at H = 31 (1984 blocks, 15.03 waves).
+// So without the mask the grid is one block per place an SM has for it (the SMs times the blocks one SM holds), the
+// blocks of rows are laid end to end, tile after tile, and block b of P takes tiles [b T / P, (b + 1) T / P) of all T:
+// every block gets the same work to within one tile (GEMM libraries call this stream-K). A share may begin or end in
+// the middle of a block of rows. With at least P blocks of rows a share holds at least one block of rows' tiles, so
+// a block of rows is cut at most once: its first tiles are the end of block b's share (piece 0), the rest the
+// beginning of block b+1's (piece 1). Each piece holds acc, m and l for its rows over its keys. A compute warp holds
+// 16 whole rows, so each warp settles its rows alone: it writes its part of the piece, counts its arrival (as in
+// stage 7), and the second of the two warps with these rows merges them by the rule of DESIGN.md §7, thread by thread
+// (the two threads hold the same rows and columns, and l is each thread's share of its row's sum):
+//   m = max(m_0, m_1),  acc = 2^(m_0 - m) acc_0 + 2^(m_1 - m) acc_1,  l = 2^(m_0 - m) l_0 + 2^(m_1 - m) l_1.
+// The merge always adds piece 0's terms to piece 1's in the same order, whichever arrives last, so the output does
+// not depend on timing.
+constexpr int compute_warps = flash_threads / 32;
+struct CutRowBlocks {
+    float* pieces;       // [P][2][piece_floats<HD>]: the two pieces of the block of rows that block b's share ends in
+    unsigned* arrivals;  // [P][compute_warps], zero between calls (the merging warp sets its counter back)
+};
+// A piece: for each compute thread, its rows' acc [8][hd/16], then m [8] and l [8], stored value-major (thread t's
+// value i at i * 256 + t), so that a warp writes and reads 128 contiguous bytes at a time.
+template <int HD>
+constexpr int piece_floats = (rows_per_thread * HD / 16 + 2 * rows_per_thread) * flash_threads;
+
+// A compute warp's end of a cut block of rows: write its part of this piece, count it, and if the other piece's warp
+// is already done, merge and write O and LSE of the warp's rows. `cut` is the block whose share ends in the block of
+// rows, `piece` 0 or 1 as above.
+template <int HD>
+__device__ void finish_cut_rows(float (&acc)[rows_per_thread][HD / 16], float (&m)[rows_per_thread],
+                                float (&l)[rows_per_thread], const CutRowBlocks& cuts, const int cut, const int piece,
+                                float* out_head, float* lse_head, const int row0, const int Nq) {
+    float* mine = cuts.pieces + (int64_t(cut) * 2 + piece) * piece_floats<HD> + threadIdx.x;
+    const float* other = cuts.pieces + (int64_t(cut) * 2 + 1 - piece) * piece_floats<HD> + threadIdx.x;
+    constexpr int columns = HD / 16, m_at = rows_per_thread * columns, l_at = m_at + rows_per_thread;
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) {
+#pragma unroll
+        for (int c = 0; c < columns; ++c) mine[(r * columns + c) * flash_threads] = acc[r][c];
+        mine[(m_at + r) * flash_threads] = m[r], mine[(l_at + r) * flash_threads] = l[r];
+    }
+    __threadfence();  // this part of the piece is visible to the whole GPU before it is counted
+    __syncwarp();
+    unsigned* arrivals = cuts.arrivals + cut * compute_warps + threadIdx.x / 32;
+    unsigned before = 0;
+    if (threadIdx.x % 32 == 0) before = atomicAdd(arrivals, 1u);
+    if (__shfl_sync(0xffffffffu, before, 0) == 0) return;  // the first to arrive: the other warp merges
+    __threadfence();                                        // the other part is read after its arrival was counted
+#pragma unroll
+    for (int r = 0; r < rows_per_thread; ++r) {
+        const float m_other = __ldcg(other + (m_at + r) * flash_threads);
+        const float m_0 = piece == 0 ? m[r] : m_other, m_1 = piece == 0 ? m_other : m[r];
+        const float m_new = fmaxf(m_0, m_1), m_safe = m_new == -INFINITY ? 0.0f : m_new;
+        const float w_0 = exp2_flush(m_0 - m_safe), w_1 = exp2_flush(m_1 - m_safe);
+        const float l_other = __ldcg(other + (l_at + r) * flash_threads);
+        l[r] = piece == 0 ? fmaf(w_0, l[r], w_1 * l_other) : fmaf(w_0, l_other, w_1 * l[r]);
+#pragma unroll
+        for (int c = 0; c < columns; ++c) {
+            const float a_other = __ldcg(other + (r * columns + c) * flash_threads);
+            acc[r][c] = piece == 0 ? fmaf(w_0, acc[r][c], w_1 * a_other) : fmaf(w_0, a_other, w_1 * acc[r][c]);
+        }
+        m[r] = m_new;
+    }
+    write_flash_rows<HD>(out_head, lse_head, acc, m, l, row0, Nq);
+    if (threadIdx.x % 32 == 0) *arrivals = 0;  // ready for the next call
+}
+
+// This block's share: from tile `first_tile` of block of rows `first_block` up to tile `end_tile` of `end_block`
+// (excluded). Blocks of rows count over B * H * ceil(Nq / Bq), heads outermost. Every thread computes it from the
+// block's index and the shape, so the compiler knows it is the same in the whole warp and keeps it in the warp's
+// uniform registers: read from shared memory instead, it took regular registers and forced reconvergence points
+// into the tile loop (stage 6 d64 38.6 against 41.9 TFLOP/s, H200, 2026-12-04).
+struct Share {
+    int first_block, first_tile, end_block, end_tile;
+};
+__device__ Share find_share(const AttentionShape& s) {
+    const int64_t tiles = ceil_div(s.Nk, flash_keys);
+    const int64_t all_tiles = int64_t(s.B) * s.H * ceil_div(s.Nq, flash_rows) * tiles;
+    const int64_t begin = all_tiles * blockIdx.x / gridDim.x, end = all_tiles * (blockIdx.x + 1) / gridDim.x;
+    return {int(begin / tiles), int(begin % tiles), int(end / tiles), int(end % tiles)};
+}
+
+// Calls piece(head, row0, first, last) for each block of rows in the share, in order: query rows [row0, row0 + Bq)
+// of head `head` (of B*H) with their tiles [first, last). Only the first piece may start past tile 0, only the last
+// end before the last tile.
+template <typename Piece>
+__device__ void for_each_piece(const Share& share, const AttentionShape& s, const Piece& piece) {
+    const int row_blocks = int(ceil_div(s.Nq, flash_rows)), tiles = int(ceil_div(s.Nk, flash_keys));
+    for (int r = share.first_block;; ++r) {
+        const int first = r == share.first_block ? share.first_tile : 0;
+        const int last = r == share.end_block ? share.end_tile : tiles;
+        if (r > share.end_block || first >= last) return;
+        piece(r / row_blocks, (r % row_blocks) * flash_rows, first, last);
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(flash2_threads)
+    s6_attention_flash_balanced_kernel(float* out, float* lse, const float* q, const float* k, const float* v,
+                                       const AttentionShape s, const CutRowBlocks cuts) {
+    extern __shared__ float4 smem4[];
+    const FlashTiles tiles = carve_flash_tiles<HD>(reinterpret_cast<float*>(smem4));
+    const Share share = find_share(s);
+    const auto keys = [&](const int tile) { return min(tile * flash_keys, s.Nk); };
+    if (threadIdx.x >= flash_threads) {  // a copy warp
+        for_each_piece(share, s, [&](const int head, const int, const int first, const int last) {
+            copy_kv_tiles_for<HD>(tiles, k, v, s, head, keys(first), keys(last));
+        });
+        return;
+    }
+    for_each_piece(share, s, [&](const int head, const int row0, const int first, const int last) {
+        float acc[rows_per_thread][HD / 16], m[rows_per_thread], l[rows_per_thread];
+        flash2_rows<HD>(tiles, acc, m, l, q, s, head, row0, keys(first), keys(last), s.Nk);
+        float* out_head = out + int64_t(head) * s.Nq * HD;
+        float* lse_head = lse + int64_t(head) * s.Nq;
+        if (first == 0 && last == int(ceil_div(s.Nk, flash_keys)))
+            write_flash_rows<HD>(out_head, lse_head, acc, m, l, row0, s.Nq);
+        else  // cut: piece 0 ends this block's share, piece 1 begins it
+            finish_cut_rows<HD>(acc, m, l, cuts, first == 0 ? blockIdx.x : blockIdx.x - 1, first == 0 ? 0 : 1,
+                                out_head, lse_head, row0, s.Nq);
+    });
+}
+
+// Stage 6 without the mask on `blocks` blocks (the GPU's places for them, or fewer to test the cuts).
+void flash_attention_balanced(float* out, float* lse, const float* q, const float* k, const float* v,
+                              const AttentionShape& s, DeviceBuffer<float>& workspace, const int blocks) {
+    check(!s.causal, "stage 6: the balanced schedule is for attention without the causal mask");
+    dispatch_head_size("6", s.hd, [&](auto hd) {
+        constexpr int HD = decltype(hd)::value;
+        const int64_t row_blocks = int64_t(s.B) * s.H * ceil_div(s.Nq, flash_rows);
+        const int grid = int(std::min<int64_t>(blocks, row_blocks));  // at least one block of rows a share
+        check(grid >= 1, "stage 6: at least one block");
+        const size_t pieces = size_t(grid) * 2 * piece_floats<HD>;
+        reserve_zeroed(workspace, pieces + size_t(grid) * compute_warps);
+        const CutRowBlocks cuts{workspace.data, reinterpret_cast<unsigned*>(workspace.data + pieces)};
+        launch("s6_attention_flash_balanced", s6_attention_flash_balanced_kernel<HD>, dim3(grid),
+               dim3(flash2_threads), flash_smem_bytes<HD>, out, lse, q, k, v, s, cuts);
+    });
+}
+
+// The places the GPU has for blocks of `kernel` at once: its SMs times the blocks of this size that fit one SM.
+template <typename... KernelArgs>
+int resident_blocks(const char* name, void (*kernel)(KernelArgs...), const int threads, const size_t smem_bytes) {
+    int device = 0, sms = 0, per_sm = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    prepare_launch(name, kernel, dim3(1), smem_bytes);  // the shared-memory limit the occupancy depends on
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
+    return sms * std::max(per_sm, 1);
+}
+
+// Causal: one block a block of rows, longest first. Not causal: equal shares below hd 128. At hd 128 the tile loop
+// needs all 168 registers a thread has, and in the balanced kernel ptxas schedules it worse: 4% slower a tile (B1 H4
+// N1000 Nk3000 d128, no cuts: 10.2 against 10.7 TFLOP/s), more than the last wave gives back (B2 H16 N8192 d128 43.6
+// against 45.0). At d64 (146 registers) it gains: B4 H16 N4096 41.9 against 39.8, B8 H12 N1024 39.7 against 38.2;
+// d80 40.5 against 40.2 (B2 H16 N2048; H200, 2026-12-04, ./gpt_cuda run, same run).
 void s6_attention_flash_causal(float* out, float* lse, const float* q, const float* k, const float* v,
-                               const AttentionShape& s, DeviceBuffer<float>&) {
+                               const AttentionShape& s, DeviceBuffer<float>& workspace) {
     check_attention_shape("6", s);
     dispatch_head_size("6", s.hd, [&](auto hd) {
         constexpr int HD = decltype(hd)::value;
-        launch("s6_attention_flash_causal", s6_attention_flash_causal_kernel<HD>,
-               dim3(ceil_div(s.Nq, flash_rows), s.B * s.H), dim3(flash2_threads), flash_smem_bytes<HD>, out, lse, q, k,
-               v, s);
+        if (!s.causal && HD < 128) {
+            static const int blocks = resident_blocks("s6_attention_flash_balanced",
+                                                      s6_attention_flash_balanced_kernel<HD>, flash2_threads,
+                                                      flash_smem_bytes<HD>);
+            flash_attention_balanced(out, lse, q, k, v, s, workspace, blocks);
+        } else {
+            launch("s6_attention_flash_causal", s6_attention_flash_causal_kernel<HD>,
+                   dim3(ceil_div(s.Nq, flash_rows), s.B * s.H), dim3(flash2_threads), flash_smem_bytes<HD>, out, lse,
+                   q, k, v, s);
+        }
     });
 }
 
@@ -1414,11 +1607,8 @@ struct DecodePartials {
 // at zero when the buffer is made, and the merging block sets its counter back to zero, so they stay zero between calls.
 DecodePartials carve_decode_partials(DeviceBuffer<float>& workspace, const int64_t rows, const int splits, const int hd,
                                      const int64_t block_rows) {
-    const size_t count = size_t(rows) * splits, needed = count * (hd + 2) + block_rows;
-    if (workspace.count < needed) {
-        workspace = DeviceBuffer<float>(needed);
-        CUDA_CHECK(cudaMemset(workspace.data, 0, needed * sizeof(float)));
-    }
+    const size_t count = size_t(rows) * splits;
+    reserve_zeroed(workspace, count * (hd + 2) + block_rows);
     return {workspace.data, workspace.data + count * hd, workspace.data + count * (hd + 1),
             reinterpret_cast<unsigned*>(workspace.data + count * (hd + 2))};
 }
@@ -1937,7 +2127,7 @@ const Stage stages[] = {
      .attention = s5_attention_flash2},
     {.id = "6",
      .kernel = "s6_attention_flash_causal",
-     .idea = "causal tile skipping, diagonal-only masks",
+     .idea = "causal tile skipping, diagonal-only masks; equal shares unmasked",
      .kind = StageKind::attention,
      .attention = s6_attention_flash_causal},
     {.id = "7",

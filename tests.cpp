@@ -141,6 +141,50 @@ TEST_SUITE("cuda: stage 6") {
             CHECK(std::isfinite(lse[99]));
         }
     }
+    TEST_CASE("6 without the mask: blocks of rows cut between two blocks' shares merge to the CPU's answer" *
+              doctest::skip(no_cuda_device())) {
+        // Few blocks for the work, so that most shares begin or end inside a block of rows (one tile a row block
+        // cannot be cut: Nk = 1). Against the CPU, and against the same call with one block per block of rows.
+        struct Case {
+            int B, H, G, Nq, Nk, hd;
+            float score_std;
+        };
+        const Case cases[] = {{1, 4, 4, 300, 1000, 128, 1.0f}, {2, 8, 2, 17, 333, 80, 40.0f},
+                              {1, 6, 1, 1000, 65, 32, 1.0f},   {1, 4, 4, 100, 1, 64, 40.0f}};
+        for (const Case& c : cases) {
+            const AttentionShape shape = attention_shape(c.B, c.H, c.G, c.Nq, c.Nk, c.hd, false);
+            CAPTURE(attention_workload(shape));
+            Rng rng(11);
+            const size_t q_size = size_t(c.H) * c.Nq * c.hd, kv_size = size_t(c.G) * c.Nk * c.hd;
+            const std::vector<float> q = random_vector(rng, c.B * q_size, c.score_std);
+            const std::vector<float> k = random_vector(rng, c.B * kv_size, 1.0f);
+            const std::vector<float> v = random_vector(rng, c.B * kv_size, 1.0f);
+            std::vector<float> expected(q.size()), expected_lse(size_t(c.B) * c.H * c.Nq);
+            for (int b = 0; b < c.B; ++b)
+                attention_forward(std::span(expected).subspan(b * q_size, q_size),
+                                  std::span(expected_lse).subspan(size_t(b) * c.H * c.Nq, size_t(c.H) * c.Nq),
+                                  std::span(q).subspan(b * q_size, q_size), std::span(k).subspan(b * kv_size, kv_size),
+                                  std::span(v).subspan(b * kv_size, kv_size), c.H, c.G, c.Nq, c.Nk, c.hd, false);
+            const DeviceBuffer<float> q_device = to_device(q), k_device = to_device(k), v_device = to_device(v);
+            const int row_blocks = c.B * c.H * int(ceil_div(c.Nq, flash_rows));
+            std::vector<float> uncut;
+            DeviceBuffer<float> workspace;
+            for (const int blocks : {row_blocks, 1, 3, row_blocks / 2 + 1, row_blocks - 1}) {
+                CAPTURE(blocks);
+                DeviceBuffer<float> out(q.size()), lse(expected_lse.size());
+                out.poison(), lse.poison();
+                flash_attention_balanced(out.data, lse.data, q_device.data, k_device.data, v_device.data, shape,
+                                         workspace, std::max(blocks, 1));
+                CUDA_CHECK(cudaDeviceSynchronize());
+                std::vector<float> got(q.size()), got_lse(expected_lse.size());
+                out.download(got), lse.download(got_lse);
+                for (size_t i = 0; i < got.size(); ++i) REQUIRE(close_enough(got[i], expected[i], 1e-4, 1e-3));
+                for (size_t i = 0; i < got_lse.size(); ++i) REQUIRE(close_enough(got_lse[i], expected_lse[i], 1e-4, 1e-3));
+                if (blocks == row_blocks) uncut = got;
+                for (size_t i = 0; i < got.size(); ++i) REQUIRE(close_enough(got[i], uncut[i], 1e-5, 1e-4));
+            }
+        }
+    }
     TEST_CASE("stages that cannot take a head size say so" * doctest::skip(no_cuda_device())) {
         RunConfig config;
         config.shape = attention_shape(1, 4, 4, 17, 17, 96, false), config.timed_runs = 0;
