@@ -62,9 +62,9 @@
 //   8      B2 H16 N8192 d128              18.397    59.8             1.33
 //   6      B2 H16 N8192 d128 causal       12.882    42.7             1.95   (vs 5 causal, 25.111 ms)
 //   8      B2 H16 N8192 d128 causal        9.672    56.8             1.33
-// The stage banners keep the numbers of the machine each stage was tuned on (the H100 for stages 0-6).
-// The last flash-kernel changes, each with its measurements against the build before: the scores' loop unrolled by 16
-// from hd 80 (scores_tile), and before it the copy warps of stages 5 and 6 (the stage 5 banner's last paragraph).
+// The banners of stages 0-4 keep the numbers of the H100 they were tuned on (2026-11-23 and 24); from stage 5 on they
+// quote this table, and list what each step of the kernel gained. docs/gpu_notes.md has the experiments that were
+// measured and not kept, with their numbers.
 //
 // Sections: utilities | stage 0 | stage 1 | stage 2 | stage 3 | stage 4 | stage 5 | stage 6 | stage 7 | stage 8 |
 // runner | GPU model: layer kernels | weights, cache, forward | inference and evaluation | bench | CLI.
@@ -1123,53 +1123,33 @@ void s4_attention_flash1(float* out, float* lse, const float* q, const float* k,
 //   O = acc / l,  LSE = m + log l.    (DESIGN.md §7)
 // Changes from stage 4: one launch instead of Nk/64; no reads or writes of O, m, l per tile; O is divided by l once
 // (not after every tile); each thread keeps its partial l, so only the max needs shuffles per tile. The loads of K and
-// V take turns with the math (cp.async): V_j arrives while S = Q K_j^T is computed, K_j+1 while P V_j is, so the block
-// rarely waits for memory; four copy warps of the block issue them (see below). Causal rows are handled by masking
-// every tile (stage 6 skips the tiles that are fully masked). Faster because the only memory traffic left is reading Q
-// once and K, V once per query block, and it overlaps the arithmetic. Measured (H100, 2026-11-24, ./gpt_cuda run, after
-// unroll 16 in pv_tile and exp2_flush): B4 H16 N4096 d64 6.97 ms, 39.5 TFLOP/s (7.09 ms, 38.8 before, same run; 7.27
-// ms, 37.8 with unroll 4 in scores_tile and pv_tile); B2 H16 N8192 d128 26.1 ms, 42.1 TFLOP/s (26.5 ms, 41.5; 27.3 ms,
-// 40.3). Earlier, with unroll 4 (./gpt_cuda bench): causal d64 7.36 ms, 18.7 TFLOP/s; d128 2.02x of stage 4; B8 H12
-// N1024 d64 0.706 ms, 36.5 TFLOP/s. One block per SM: at d128 shared memory allows no more (165 KB), at d64 registers
-// (before the copy warps, 169 a thread for 256 threads; two blocks need at most 128, and __launch_bounds__(256, 2)
-// spills 24 bytes; with them 144 for 384, where two blocks would need 85). What limits it, from ncu at d128 (unroll 8):
-// the issue slots are 74% busy and the FMA pipe 66%; FFMA is 84% of the instructions. Each warp's float4 read from
-// shared memory costs 2 wavefronts when the lanes of each half-warp share one address (Q, P) and 4 when they read 16
-// different ones (K, V): 1792 per warp and tile, so the shared-memory pipe is busy 7/8 as long as the FMA pipe would be
-// at full rate. Yet it is not the limit: a layout of 8 key threads x 2 row threads a half-warp, a quarter fewer
-// wavefronts in the scores and a third fewer in P V, ran at the same speed (H200, 2026-12-03: d128 42.4 against 42.0
-// TFLOP/s). More warps to hide the barriers did not help either: 512 threads owning 4 rows each (16 warps an SM at
-// d128) ran at 36.5 TFLOP/s, with more shared-memory loads per FMA; two blocks of 64 rows and 128 threads an SM (the
-// same 8 warps, a barrier stopping half of them) at 39.2 (H200, 2026-12-04), with twice the K/V copies per FMA. Where
-// the idle issue slots went, from ncu's stall samples (H200, 2026-12-04, B1 H16 N8192 d128): a third in the scores'
-// FMAs (waiting for shared-memory loads), a quarter in the K/V copy loop, a tenth at the two barriers. The copies
-// unrolled (load_kv_tile_async) gave d128 25.4 ms, 43.3 TFLOP/s against 26.1 ms, 42.1 (H200, same run, 2 rounds); d64
-// 7.03 against 6.96 ms, 1% slower. Two more tries, each side by side (H200, 2026-12-04): K and V double-buffered (227
-// KB at d128; one barrier a tile instead of two, P's exchange being within a half-warp) ran at the same speed at d128
-// (43.35 against 43.33 TFLOP/s) and stage 6 slower at d64 (36.6 against 39.8); P V unrolled fully (a loop body of about
-// 4400 instructions at d128) gave 44.5 against 43.3 here, but stage 6 causal d128 41.1 against 41.8 and causal d64 34.6
-// against 36.3 (scores by 16 and P V by 32: stage 6 d128 44.7 against 43.9, causal d128 36.8 against 41.8), so P V's
-// unroll stays 16 (the scores' is in scores_tile). Small differences are within what moves between builds: stage 6 at
-// d80, its code unchanged, ran at 28.6 in one build, 27.5 in another. After the unrolled copies, ncu finds P V's first
-// shared-memory load waiting for the K_j+1 copies to release the address registers it reuses (11% of the no-issue
-// samples); copying K and V with cp.async.bulk instead was much slower (d128 34.5 TFLOP/s), and skipping the rescale
-// unless a row's max grew by more than 8 gained under 2% (README).
-// Hence the copy warps (FlashAttention-3 calls them producer warps): the block grows from 8 warps to 12, and the 4 new
-// ones only copy, so the 8 that compute hold no copy addresses (168 registers a thread at d128 instead of 223).
-// Measured (H200, 2026-12-04, `./gpt_cuda run`, each side by side with the build before: stage 5 d128 43.3 TFLOP/s,
-// stage 6 43.9, causal d128 41.8, stage 6 d64 39.2; `./gpt_cuda bench` then agreed with the last row):
-//   one copy warp (all copies on one scheduler)           stage 6 d128 40.7 TFLOP/s, d64 38.0
-//   four copy warps, barrier bar.sync (.aligned)          stage 5 d128 44.4, stage 6 44.4, causal 42.3, d64 40.5
-//   four copy warps, barrier.sync (this code)             stage 5 d128 43.6, stage 6 44.8, causal 42.7, d64 39.8
-//   compute warps decoupled (mbarriers: each waits only for its data, never for the other warps) stage 6 d128 43.8,
-//   d64 41.7, causal d64 38.5
-// The .aligned form is faster but wrong here: it promises that every thread of the block waits at the same
-// instruction, and the copy warps wait at their own (compute-sanitizer's synccheck reports it). The mbarrier version
-// was faster at d64 and slower at d128, so the kernel keeps one mechanism, the plain barrier. With the copy warps,
-// ncu at d128 (H200, 2026-12-04, stage 6) finds the compute warps' samples 39% issuing, 33% ready while another warp
-// issues, 14% held at dispatch, 7% waiting for shared memory and 1.2% at a barrier: the barriers are no longer the
-// limit, the instruction mix and the dispatch stalls are (the first barrier moved to right after the scores: 4%
-// slower; README).
+// V take turns with the math (cp.async): V_j arrives while S = Q K_j^T is computed, K_j+1 while P V_j is. Four copy
+// warps issue them and do nothing else (FlashAttention-3's producer warps), so the 8 warps that compute hold no copy
+// addresses. Causal rows are handled by masking every tile (stage 6 skips the tiles that are fully masked).
+// Faster because the only memory traffic left is reading Q once and K, V once per block of rows, and it overlaps the
+// arithmetic. Measured (H200, 2026-12-04, ./gpt_cuda bench): B4 H16 N4096 d64 6.96 ms, 39.5 TFLOP/s (1.75x stage 4);
+// B2 H16 N8192 d128 24.96 ms, 44.1 TFLOP/s (2.10x); B8 H12 N1024 d64 0.680 ms, 37.9; causal d64 7.05 ms, 19.5.
+// What it took, each step side by side with the one before (./gpt_cuda run; TFLOP/s at B2 H16 N8192 d128 / B4 H16
+// N4096 d64):
+//   H100, 2026-11-24   the scores and P V unrolled by 4                                      40.3 / 37.8
+//                      P V unrolled by 16                                                    41.5 / 38.8
+//                      exp2_flush (below) instead of exp2f                                   42.1 / 39.5
+//   H200, 2026-12-04   the same code                                                         42.1 / 39.5
+//                      the K/V copy loop unrolled (each thread's count of float4s known at
+//                      compile time; ncu had put a quarter of the stall samples there)       43.3 / 39.1
+//                      the copy warps (the compute warps drop from 223 to 168 registers)    43.6 / 39.5
+//                      the scores unrolled by 16 from hd 80 on (at hd 64 that is the whole
+//                      loop, and it was slower)                                              44.1 / 39.5
+// One block an SM: at d128 shared memory allows no more (165 KB), at d64 registers (144 a thread for 384 threads; two
+// blocks would need 85). What limits it now, from ncu of the same loop in stage 6 at d128 (H200, 2026-12-04): the
+// schedulers issue in 77-79% of the cycles, the FMA pipe is busy 69%, FFMA is 84% of the instructions; the compute
+// warps' stall samples are 39% issuing, 33% ready while another warp issues, 14% held at dispatch, 7% waiting for
+// shared memory, 1% at a barrier. A warp's float4 read from shared memory costs 2 wavefronts when the lanes of each
+// half-warp share one address (Q, P) and 4 when they read 16 different ones (K, V): the shared-memory pipe is busy 7/8
+// as long as the FMA pipe at full rate, close to the limit but not it (a layout with a quarter fewer wavefronts in the
+// scores and a third fewer in P V ran at the same speed).
+// docs/gpu_notes.md has what else was tried and measured (double-buffered K/V, other thread layouts, more warps,
+// mbarriers, cp.async.bulk, lazy rescaling) and why it was not kept.
 
 // 2^x as the one hardware instruction (MUFU.EX2) that exp2f is built on, ex2.approx.ftz: exp2f wraps it in a range
 // check and a rescale so that results below 2^-126 come out subnormal instead of 0. Here such a result is a weight
@@ -1330,20 +1310,14 @@ void s5_attention_flash2(float* out, float* lse, const float* q, const float* k,
 // h / (H/G) of every stage: the H/G query heads of a group are adjacent in the grid and share their K/V in L2.
 // Changes from stage 5: tile skipping, mask only on diagonal tiles, longest-first order. Faster because causal
 // attention does half the work of stage 5's masked loop. Without a mask it does stage 5's work, and below hd 128
-// deals it out in equal shares of tiles so that no SM idles in the last wave (6b below). Measured (H100, 2026-11-24,
-// ./gpt_cuda run, after unroll 16 in pv_tile and exp2_flush): causal B4 H16 N4096 d64 3.87 ms, 35.5 TFLOP/s (3.96 ms,
-// 34.7 before, same run; 4.14 ms, 33.2 with unroll 4 in scores_tile and pv_tile); causal B2 H16 N8192 d128 13.8 ms,
-// 39.7 TFLOP/s (13.96 ms, 39.4; 14.3 ms, 38.4); causal B8 H12 N1024 d64 0.490 ms, 26.3 TFLOP/s (0.495 ms, 26.0).
-// Non-causal it does stage 5's work: B4 H16 N4096 d64 6.92 ms, 39.7 TFLOP/s (7.04 ms, 39.1; 7.42 ms, 37.0);
-// B2 H16 N8192 d128 26.3 ms, 41.8 TFLOP/s (26.6 ms, 41.3; 27.3 ms, 40.2). Earlier, with unroll 4 (./gpt_cuda bench):
-// causal B8 H12 N1024 d64 0.518 ms, 24.9 TFLOP/s (1.38x of stage 5). With the K/V copies unrolled (H200, 2026-12-04,
-// same run): causal d128 13.16 ms, 41.8 TFLOP/s (13.83, 39.7 before); non-causal d128 25.09 ms, 43.8 (26.33, 41.8);
-// causal B4 H16 N4096 d64 3.84 ms (3.88); causal B8 H12 N1024 d64 0.481 ms (0.489). With stage 5's copy warps
-// (H200, 2026-12-04, ./gpt_cuda bench): causal B4 H16 N4096 d64 3.75 ms, 36.7 TFLOP/s; non-causal 39.8; causal
-// B2 H16 N8192 d128 12.87 ms, 42.7; non-causal 24.54 ms, 44.8. With the scores unrolled by 16 from hd 80 (the same
-// bench later that day): causal B4 H16 N4096 d64 3.74 ms, 36.8; non-causal 39.8; causal B2 H16 N8192 d128 12.88 ms,
-// 42.7; non-causal 24.44 ms, 44.99. With equal shares without the mask below hd 128 (./gpt_cuda bench --stages 5,6,
-// later that day): non-causal B4 H16 N4096 d64 6.59 ms, 41.7 TFLOP/s; non-causal B8 H12 N1024 d64 0.650 ms, 39.6.
+// deals it out in equal shares of tiles so that no SM idles in the last wave (6b below). Measured (H200, 2026-12-04,
+// ./gpt_cuda bench): causal B4 H16 N4096 d64 3.74 ms, 36.8 TFLOP/s (1.89x stage 5); causal B2 H16 N8192 d128
+// 12.88 ms, 42.7 (1.95x); causal B8 H12 N1024 d64 0.452 ms, 28.5 (1.52x). Without the mask: B2 H16 N8192 d128
+// 24.44 ms, 45.0 (44.99; 1.02x stage 5); and with the equal shares (./gpt_cuda bench --stages 5,6, later that day)
+// B4 H16 N4096 d64 6.59 ms, 41.7 (1.06x), B8 H12 N1024 d64 0.650 ms, 39.6 (1.05x). Stage 6 gained with each step of
+// stage 5 (its loop is stage 5's): causal B4 H16 N4096 d64 went 33.2, 34.7, 35.5 TFLOP/s on the H100 (2026-11-24,
+// ./gpt_cuda run), then 36.2 with the K/V copies unrolled and the mask a runtime flag (see flash2_tile) and 36.7 with
+// the copy warps on the H200 (2026-12-04, ./gpt_cuda bench).
 
 // The keys a block of query rows [row0, row0 + rows) attends to: keys [0, key_end) are seen by some row of the block,
 // keys [0, full_end) by every row of it.
@@ -1562,23 +1536,14 @@ void s6_attention_flash_causal(float* out, float* lse, const float* q, const flo
 // the number of filled positions may be read from device memory, so that one captured CUDA graph serves every decode
 // step: the grid covers the whole cache, a split past the last key a row sees leaves at once, the merge takes the
 // splits before it, and a row whose keys fit in one split is finished by that block alone (no partials, no merge).
-// Faster because all SMs stream the cache at once. Measured (H100, 2026-11-24, ./gpt_cuda run --stage 7 --heads 12
-// --kv-heads 4 --n 1 --nk 4096 --d 64 --causal --runs 20): 0.024 ms with a separate merge kernel, against 0.490 ms
-// for stage 6 on the same one-row problem (20x); with the merge in the last block (H200, 2026-12-03, same command):
-// 0.017 ms (ncu, one decode step of the GPU model: 7.9 us against 4.9 + 4.2 us for the two kernels). The K and V it
-// reads are 8.4 MB, 490 GB/s: at this size the launch and the block's chain of waits, not bandwidth, set the time.
-// In the model's decode step at positions up to 64, where one split holds every key, stage 7 took about 3.5 us
-// after its wait when that path landed, against about 8 us with the partials and the merge. In the step as it is now
-// it takes 4.1-6.4 us after its wait (timeline with no atomics, H200, 2026-12-03): o_proj, [gate; up] and part of
-// down start during it and queue about 12 MB of weight loads, and its own few L2 round trips (q and the new key in,
-// O out) wait in that queue. With no kernel started during it, it takes 2.8 us, but the gemvs then load their
-// weights after their waits and the step is slower (see the inference section). Neither an SM of its own (227 KB of
-// shared memory a block) nor running its code once before the wait (to have the instructions cached) made it faster.
-// Its share of a decode step, timed by taking parts out (H200, 2026-12-04; README): 36 us of 0.173 ms a token at
-// positions 2-65 (7 of them its hand-over), and 100 us of 0.240 ms at 3698-3761, where the fence and the count of
-// arrivals take 12 us and the merge 35; merges that load 16 or 32 splits at once (2 or 1 round trips) were slower,
-// and the merge as a second kernel launched to overlap this one was 4.6% faster there but slower at positions
-// 66-129 (0.204 against 0.193 ms) and alone (0.015 against 0.013 ms at 4096 keys).
+// Faster because all SMs stream the cache at once. Measured (./gpt_cuda run --stage 7 --heads 12 --kv-heads 4 --n 1
+// --nk 4096 --d 64 --causal --runs 20): 0.024 ms with a separate merge kernel against 0.490 ms for stage 6 on the same
+// one-row problem (H100, 2026-11-24; 20x), 0.017 ms with the merge in the last block (H200, 2026-12-03), 0.013-0.014 ms
+// as it is now (H200, 2026-12-04). The K and V it reads are 8.4 MB: at this size the launch and the block's
+// chain of waits, not bandwidth, set the time. In the GPU model's decode step (below) it takes 36 us of 0.173 ms a
+// token at positions 2-65 and 100 us of 0.240 ms at 3698-3761, where the fence and the count of arrivals take 12 us
+// and the merge 35 (H200, 2026-12-04, timed by taking parts out); docs/gpu_notes.md has those timings and what was
+// tried on them.
 
 // Where the keys and values live and how they are split. Nk = past + Nq: the Nq new rows are the last Nq keys.
 struct SplitKv {
@@ -1855,11 +1820,12 @@ void s7_attention_decode_split(float* out, float* lse, const float* q, const flo
 // skipping and the online softmax are stage 6's, applied to the C tiles (the 4 lanes of a group share a row: two
 // shuffles for its max).
 // Changes from stage 6: both products as mma.sync on split operands, P kept in registers. Faster because a tensor core
-// instruction does 2048 flops where an FFMA does 64, so even at three per product and the splitting around them the
-// FMA pipe's limit is left behind. Measured (H200, 2026-12-03, ./gpt_cuda bench): B2 H16 N8192 d128 18.8 ms,
-// 58.6 TFLOP/s (1.40x stage 6), causal 9.88 ms, 55.6 (1.40x); B4 H16 N4096 d64 59.7 (1.50x), causal 53.1 (1.49x);
-// B8 H12 N1024 d64 57.6, causal 39.8. What it took, each step measured against the one before (H200, 2026-12-03,
-// two device runs of ./gpt_cuda run --stage 8 --runs 10, d128 / d64 as above; stage 6 41.8 / 39.7 TFLOP/s):
+// instruction does 2048 flops where an FFMA does 64, so even at three per product and the splitting around them the FMA
+// pipe's limit is left behind. Measured (H200, 2026-12-04, ./gpt_cuda bench): B2 H16 N8192 d128 18.40 ms, 59.8 TFLOP/s
+// (1.33x stage 6), causal 9.67 ms, 56.8 (1.33x); B4 H16 N4096 d64 60.7 (1.45x), causal 54.6 (1.48x); B8 H12 N1024 d64
+// 58.5, causal 40.5 (58.6, 55.6, 59.7, 53.1, 57.6 and 39.8 when it landed, 2026-12-03). What it took, each step
+// measured against the one before (H200, 2026-12-03, two device runs of ./gpt_cuda run --stage 8 --runs 10, d128 / d64
+// as above; stage 6 41.8 / 39.7 TFLOP/s):
 //   1. the three products of each tile back to back, the split by cvt.rna.tf32:            39.7 / 38.7 TFLOP/s
 //   2. S kept in registers: a loop over S's tiles that was not unrolled indexed the array
 //      with a variable, which puts it in local memory (ptxas: 128 bytes of stack):          d64 40.4
@@ -3348,15 +3314,12 @@ void upload_tokens(DeviceBuffer<int>& buffer, const std::span<const int> tokens,
 //    down), each launched to overlap the one before, so that a gemv loads its weights before it waits for its input;
 //  - the last gemv writes the logits straight into page-locked host memory (a copy node cost about 3 us a token).
 // Measured (H200, 2026-12-04, ./gpt_cuda bench; L12 D768 H12 G4 F2048 V2048, fp32): 0.175 ms a token at positions 2-65
-// and 0.244 ms at 4032-4095, 42% and 40% of the bandwidth limit (309 and 408 MB a token at the measured 4176 GB/s;
-// 0.172 and 0.242 ms, 43% and 41% at 4135 GB/s in the run before); at the start of 2026-12-03 it took 0.366 and 0.491
-// ms, and the README has each step since. What is left is the chain of 63 dependent kernels, about 15 us a layer. A
-// timeline of the step at position 10 (each block's %globaltimer at its start, after its wait and at its end): a
-// hand-over costs 0.6-0.9 us, and after its wait the q, k, v gemv takes 1.2 us, stage 7 4.1-6.4, o_proj 1.1, [gate; up]
-// 1.8-2.1, down 1.1-2.4. Stage 7 is slow because the gemvs after it load their weights during it (see stage 7), yet
-// every way tried of loading them later or earlier made the step slower (the README lists them with their numbers).
-// With stage 7 left out (wrong logits, a timing only; H200, 2026-12-04) the step takes 0.137 ms at any position: the
-// weights alone would be at about 54% of the limit, and stage 7 is where the rest goes (see its banner).
+// and 0.244 ms at 4032-4095, 42% and 40% of the bandwidth limit (309 and 408 MB a token at the measured 4176 GB/s),
+// from 0.366 and 0.491 ms at the start of 2026-12-03. What is left is the chain of 63 dependent kernels, about 15 us a
+// layer: a hand-over costs 0.6-0.9 us, and with stage 7 left out (wrong logits, a timing only) the step takes 0.137 ms
+// at any position, about 54% of the limit; stage 7 is where the rest goes (see its banner). On its timeline the gemvs
+// after stage 7 load their weights while it runs, and its own few round trips to L2 wait behind those loads, yet every
+// way tried of loading them later or earlier made the step slower; docs/gpu_notes.md has each step and each try.
 // Prefill of 4096 tokens: 31.3 ms (stage 6).
 
 // One captured decode step, replayed with one launch.
